@@ -1,0 +1,225 @@
+"""Training checkpoints and published weights, on local disk or S3.
+
+A training checkpoint is a directory holding ``model.pt`` and ``config.yaml``.
+``model.pt`` is ``torch.save`` of ``{"format": "basnet-ray/1", "model",
+"optimizer", "scaler", "epoch", "metrics", "config"}``; ``config.yaml`` is the
+resolved training config alone, so it can be passed back to training as is.
+The published ``basnet.pth`` (a bare state dict in the original's layout,
+possibly with DataParallel's ``module.`` prefix) loads through the same calls.
+Everything is read with ``weights_only=True``: a checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import PurePath
+from typing import Any
+
+import torch
+import yaml
+
+from basnet import storage
+from basnet.model import BASNet
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "basnet-ray/1"
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.yaml"
+# Prefixes added by DataParallel / DistributedDataParallel and by torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or not in BASNet's layout."""
+
+
+def save_checkpoint(
+    directory: str,
+    *,
+    model_state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    epoch: int,
+    metrics: dict[str, Any],
+    optimizer_state: dict[str, Any] | None = None,
+    scaler_state: dict[str, Any] | None = None,
+) -> str:
+    """Write ``model.pt`` and ``config.yaml`` into ``directory`` (local path or ``s3://``).
+
+    Args:
+        directory: Checkpoint directory; created if needed.
+        model_state: The model's state dict; wrapper prefixes are stripped and
+            tensors moved to CPU so it loads anywhere, wrapped or not.
+        config: The resolved training config (plain types only).
+        epoch: Epochs completed.
+        metrics: Metrics of that epoch.
+        optimizer_state: ``optimizer.state_dict()``, for resuming.
+        scaler_state: ``GradScaler.state_dict()``, for resuming mixed precision.
+
+    Returns:
+        ``directory``.
+    """
+    config, metrics = _plain(config), _plain(metrics)
+    payload = {
+        "format": FORMAT,
+        "model": {k: v.detach().cpu() for k, v in strip_prefixes(model_state).items()},
+        "optimizer": optimizer_state,
+        "scaler": scaler_state,
+        "epoch": int(epoch),
+        "metrics": metrics,
+        "config": config,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    # The epoch and metrics go in a comment: config.yaml stays a plain training config.
+    summary = yaml.safe_dump(metrics, default_flow_style=True, width=1 << 16).strip()
+    text = f"# basnet-ray checkpoint: epoch {int(epoch)}, metrics {summary}\n"
+    text += yaml.safe_dump(config, sort_keys=False)
+    # config.yaml first: a directory that has model.pt is complete.
+    storage.write_bytes(storage.join(directory, CONFIG_FILE), text.encode())
+    storage.write_bytes(storage.join(directory, MODEL_FILE), buffer.getvalue())
+    logger.info("saved checkpoint of epoch %d to %s", epoch, directory)
+    return directory
+
+
+def load_checkpoint(source: str, *, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a training checkpoint or a bare state dict.
+
+    Args:
+        source: A checkpoint directory (local or ``s3://``), the ``model.pt``
+            inside one, or a state dict file such as the published ``basnet.pth``.
+        map_location: Passed to ``torch.load``.
+
+    Returns:
+        A dict with ``format``, ``model`` (state dict without wrapper prefixes),
+        ``optimizer``, ``scaler``, ``epoch``, ``metrics`` and ``config``; for a
+        bare state dict ``format`` is ``"state_dict"`` and the others are None.
+
+    Raises:
+        CheckpointError: The source is missing, not a torch file, or holds
+            something other than a checkpoint or a state dict.
+    """
+    obj = _torch_load(_model_file(source), map_location)
+    if isinstance(obj, dict) and "format" in obj:
+        if obj["format"] != FORMAT:
+            raise CheckpointError(
+                f"{source}: unsupported checkpoint format {obj['format']!r} (expected {FORMAT!r})"
+            )
+        return {**obj, "model": strip_prefixes(obj["model"])}
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        empty = dict.fromkeys(("optimizer", "scaler", "epoch", "metrics", "config"))
+        return {**empty, "format": "state_dict", "model": strip_prefixes(obj)}
+    raise CheckpointError(
+        f"{source} holds a {type(obj).__name__}, neither a basnet-ray checkpoint nor a state dict"
+    )
+
+
+def load_model(source: str, *, map_location: Any = "cpu") -> BASNet:
+    """Build a ``BASNet`` from a checkpoint or published weights, in eval mode.
+
+    Args:
+        source: See ``load_checkpoint``.
+        map_location: Passed to ``torch.load``; a device string or
+            ``torch.device`` also receives the model.
+
+    Raises:
+        CheckpointError: The source cannot be read or its keys or shapes are
+            not BASNet's (strict loading).
+    """
+    state = load_checkpoint(source, map_location=map_location)["model"]
+    model = BASNet()
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise CheckpointError(
+            f"{source} is not a BASNet state dict: {len(missing)} missing and "
+            f"{len(unexpected)} unexpected keys (first: {example!r})"
+        )
+    wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise CheckpointError(
+            f"{source} is not a BASNet state dict: {len(wrong)} shapes differ (first: {wrong[0]!r})"
+        )
+    model.load_state_dict(state, strict=True)
+    if isinstance(map_location, (str, torch.device)):
+        model.to(map_location)
+    return model.eval()
+
+
+def checkpoint_config(source: str) -> dict[str, Any] | None:
+    """Return the training config stored with a checkpoint, or None for published weights.
+
+    A checkpoint directory's ``config.yaml`` is read without touching the
+    (350 MB) weights; other sources fall back to ``load_checkpoint``.
+    """
+    config_uri = storage.join(source, CONFIG_FILE)
+    if _is_dir(source) and storage.exists(config_uri):
+        config = yaml.safe_load(storage.read_bytes(config_uri))
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_uri} does not hold a mapping")
+        return config
+    return load_checkpoint(source)["config"]
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop ``module.`` / ``_orig_mod.`` prefixes that model wrappers add to keys."""
+    out = {}
+    for key, value in state.items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def _is_dir(source: str) -> bool:
+    try:
+        return storage.is_dir(source)
+    except (OSError, ValueError):  # e.g. an unreachable S3 endpoint or an unknown scheme
+        return False
+
+
+def _model_file(source: str) -> str:
+    """Resolve ``source`` to the file to read: ``<dir>/model.pt`` or the file itself."""
+    source = str(source)
+    if _is_dir(source):
+        return storage.join(source, MODEL_FILE)
+    return source
+
+
+def _torch_load(uri: str, map_location: Any) -> Any:
+    """``torch.load`` bytes read through ``basnet.storage``, errors as CheckpointError."""
+    hint = "pass a training checkpoint directory or a basnet.pth file"
+    try:
+        data = storage.read_bytes(uri)
+    except (FileNotFoundError, IsADirectoryError):
+        raise CheckpointError(f"checkpoint not found: {uri} ({hint})") from None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read checkpoint {uri}: {_first_line(error)}") from None
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as error:  # torch.load raises several types for non-torch bytes
+        raise CheckpointError(
+            f"{uri} is not a readable torch file ({hint}): {_first_line(error)}"
+        ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _plain(value: Any) -> Any:
+    """Convert numpy scalars, tuples and paths to builtins that YAML and ``weights_only`` accept."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, PurePath):
+        return os.fspath(value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        return value.item()  # numpy / torch scalar
+    return value

@@ -1,0 +1,161 @@
+"""One place that turns a URI into a filesystem, so nothing else branches on local versus S3.
+
+URIs are local paths (``/data/x``, ``relative/x``), ``file:///data/x`` or ``s3://bucket/key``.
+S3 endpoint and credentials come from the standard AWS variables (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``), so the same command
+works on AWS and on any S3-compatible store.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import uuid
+from typing import Iterable
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+__all__ = [
+    "filesystem",
+    "is_s3",
+    "join",
+    "read_bytes",
+    "write_bytes",
+    "exists",
+    "list_files",
+    "relative_to",
+    "StorageError",
+]
+
+
+class StorageError(ValueError):
+    """A URI that cannot be used (unknown scheme, missing object)."""
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+@functools.lru_cache(maxsize=8)
+def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kwargs: dict = {"region": region or "us-east-1"}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret,
+                      session_token=os.environ.get("AWS_SESSION_TOKEN"))
+    # Small requests fail fast instead of retrying for minutes against a wrong endpoint.
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=3)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """The S3 filesystem the AWS environment variables describe (cached per endpoint)."""
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    return _s3(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"), region)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Returns ``(filesystem, path)`` for a URI; the path is what the filesystem expects."""
+    uri = str(uri)
+    if is_s3(uri):
+        return s3_filesystem(), uri[len("s3://"):].rstrip("/")
+    if uri.startswith("file://"):
+        uri = urlparse(uri).path
+    elif "://" in uri:
+        raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Joins path parts onto a URI with ``/`` (also for local paths)."""
+    uri = str(uri)
+    if is_s3(uri) or uri.startswith("file://"):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def _to_uri(original: str, path: str) -> str:
+    """Maps a filesystem path back into the scheme the caller used."""
+    if is_s3(original):
+        return "s3://" + path
+    if str(original).startswith("file://"):
+        return "file://" + path
+    return path
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        # One read of the whole object: stream reads are slow on some S3-compatible servers.
+        with fs.open_input_file(path) as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"no such file: {uri}") from exc
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Writes atomically: a reader never sees a truncated file.
+
+    Locally the bytes go to a hidden temporary name in the same folder, then ``os.replace``;
+    on S3 a single PUT is atomic already.
+    """
+    fs, path = filesystem(uri)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def list_files(uri: str, suffixes: Iterable[str] | None = None) -> list[str]:
+    """All files under a folder or prefix, recursively, as sorted URIs in the caller's scheme.
+
+    Hidden files (a name starting with ``.``, e.g. our own temporary files) are left out.
+    A missing folder gives an empty list.
+    """
+    fs, path = filesystem(uri)
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    wanted = tuple(s.lower() for s in suffixes) if suffixes else None
+    out = []
+    for info in fs.get_file_info(selector):
+        if info.type != pafs.FileType.File or info.base_name.startswith("."):
+            continue
+        if wanted and not info.base_name.lower().endswith(wanted):
+            continue
+        out.append(_to_uri(uri, info.path))
+    return sorted(out)
+
+
+def relative_to(uri: str, root: str) -> str:
+    """The ``/``-separated path of ``uri`` below ``root`` (both in the same scheme)."""
+    _, path = filesystem(uri)
+    _, base = filesystem(root)
+    rel = posixpath.relpath(path.replace(os.sep, "/"), base.replace(os.sep, "/"))
+    if rel.startswith(".."):
+        raise StorageError(f"{uri} is not under {root}")
+    return rel

@@ -1,0 +1,87 @@
+"""Shared fixtures: one local Ray per test session, an S3-compatible server on 127.0.0.1, the sample.
+
+The S3 variables are set at import, before any Ray worker starts, so every worker of the
+session's Ray sees the same endpoint as the test process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_PORT = free_port()
+os.environ.update({
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "RAY_DATA_LOG_LEVEL": "WARNING",
+})
+os.environ.pop("RAY_ADDRESS", None)  # never join a cluster the developer happens to run
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto in server mode on loopback; yields the endpoint URL."""
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("moto server did not start")
+            time.sleep(0.2)  # polling a socket that has no event to await
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket per test; yields its ``s3://`` URI."""
+    import boto3
+
+    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{time.monotonic_ns() % 10**6}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory) -> str:
+    """The embedded sample, generated once per session, small."""
+    from basnet.sample import generate_sample
+
+    return generate_sample(str(tmp_path_factory.mktemp("sample")), n_train=16, n_test=8, size=(40, 32))
+
+
+@pytest.fixture(scope="session")
+def ray_session(sample_root):
+    """One local Ray (2 CPUs) shared by every Ray test of the session."""
+    import ray
+
+    from basnet.cli import init_ray
+
+    os.environ["BASNET_SAMPLE_DIR"] = str(Path(sample_root).parent / "default-sample")
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,133 @@
+"""The training engine and the Ray Train job on the embedded sample (32 px, CPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from basnet import storage
+from basnet.checkpoint import checkpoint_config, load_model
+from basnet.config import ConfigError, TrainConfig, parse_config
+from basnet.data import discover
+from basnet.engine import train_step
+from basnet.loss import HybridLoss
+from basnet.model import BASNet
+from basnet.transforms import decode_image, decode_mask, resize_image, resize_mask
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(tmp_path, sample_root, **overrides) -> TrainConfig:
+    base = dict(data=sample_root, storage=str(tmp_path / "runs"), name="t", epochs=2, batch_size=4,
+                image_size=32, crop_size=32, backbone_weights="none", max_failures=0)
+    base.update(overrides)
+    return TrainConfig(**base).resolved()
+
+
+def test_training_step_overfits_a_fixed_tiny_batch(sample_root):
+    pairs = discover(sample_root).train[:2]
+    image = np.stack([resize_image(decode_image(storage.read_bytes(p.image)), 32) for p in pairs])
+    mask = np.stack([resize_mask(decode_mask(storage.read_bytes(p.mask)), 32) for p in pairs])
+    batch = {"image": torch.from_numpy(image), "mask": torch.from_numpy(mask)}
+    torch.manual_seed(0)
+    model = BASNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = HybridLoss()
+    device = torch.device("cpu")
+    losses = [train_step(model, batch, loss_fn, optimizer, device=device) for _ in range(25)]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_config_file_gives_defaults_and_flags_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 7\nlr: 0.0005\nname: fromfile\n")
+    cfg = parse_config(TrainConfig, ["--config", str(path), "--epochs", "9"], "t")
+    assert (cfg.epochs, cfg.lr, cfg.name) == (9, 0.0005, "fromfile")
+
+
+def test_config_file_with_unknown_key_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epoch: 7\n")
+    with pytest.raises(ConfigError, match="unknown option 'epoch'"):
+        parse_config(TrainConfig, ["--config", str(path)], "t")
+
+
+def test_sample_defaults_apply_only_without_data():
+    assert TrainConfig().resolved().image_size == 64
+    cfg = TrainConfig(data="/x").resolved()
+    assert (cfg.image_size, cfg.crop_size, cfg.backbone_weights) == (256, 224, "imagenet")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image-size", "100"], "not a multiple of 32"),
+    (["--epochs", "0"], "must be positive"),
+    (["--data", "/nonexistent/duts"], "DUTS-TR"),
+])
+def test_train_job_bad_arguments_exit_2_with_one_line(argv, message, tmp_path):
+    proc = subprocess.run([sys.executable, "jobs/train.py", "--storage", str(tmp_path), *argv],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last
+
+
+def test_train_help_documents_every_option():
+    proc = subprocess.run([sys.executable, "jobs/train.py", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    for flag in ("--data", "--storage", "--name", "--epochs", "--batch-size", "--image-size", "--lr",
+                 "--num-workers", "--gpu", "--no-gpu", "--backbone-weights", "--max-failures",
+                 "--skip-unpaired", "--config", "--eval-data"):
+        assert flag in proc.stdout
+
+
+@pytest.mark.ray
+def test_training_run_checkpoints_every_epoch_and_resumes(ray_session, tmp_path, sample_root, capfd):
+    from basnet.ray_train import fit
+
+    out = fit(tiny_config(tmp_path, sample_root, epochs=2))
+    run_dir = tmp_path / "runs" / "t"
+    assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0001", "epoch_0002"]
+    assert out.best_checkpoint and out.best_checkpoint.startswith(str(run_dir))
+    model = load_model(out.best_checkpoint)
+    assert isinstance(model, BASNet)
+    assert checkpoint_config(out.best_checkpoint)["image_size"] == 32
+    printed = capfd.readouterr().out
+    assert "epoch   0" in printed and "epoch   2" in printed and "best checkpoint:" in printed
+
+    # Same name, one more epoch: only epoch 3 runs, starting from epoch 2's checkpoint.
+    again = fit(tiny_config(tmp_path, sample_root, epochs=3))
+    printed = capfd.readouterr().out
+    assert "epoch   3" in printed and "epoch   1 " not in printed and "epoch   0" not in printed
+    assert again.epochs_run == 3
+    assert (run_dir / "epoch_0003" / "model.pt").exists()
+
+
+@pytest.mark.ray
+def test_two_workers_with_fractional_cpus_end_with_identical_parameters(ray_session, tmp_path, sample_root):
+    from basnet.ray_train import build_trainer, resolve_data, resolve_resources
+
+    cfg = resolve_resources(tiny_config(tmp_path, sample_root, epochs=1, num_workers=2, cpus_per_worker=0.5))
+    result = build_trainer(cfg, resolve_data(cfg)).fit()
+    digests = result.return_value["replica_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+
+@pytest.mark.ray
+def test_training_streams_data_from_s3_and_checkpoints_to_s3(ray_session, s3_bucket, sample_root, tmp_path):
+    from basnet.ray_train import fit
+
+    for uri in storage.list_files(sample_root):
+        storage.write_bytes(f"{s3_bucket}/duts/{storage.relative_to(uri, sample_root)}", storage.read_bytes(uri))
+    cfg = tiny_config(tmp_path, f"{s3_bucket}/duts", storage=f"{s3_bucket}/runs", epochs=1)
+    out = fit(cfg)
+    assert out.best_checkpoint == f"{s3_bucket}/runs/t/epoch_0001"
+    assert len(out.split.train) == 16 and out.split.val_source == "DUTS-TE"
+    model = load_model(out.best_checkpoint)
+    assert isinstance(model, BASNet)
+    assert checkpoint_config(out.best_checkpoint)["data"] == f"{s3_bucket}/duts"
