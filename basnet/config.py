@@ -31,7 +31,7 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 
 # What an option left unset means when training on the embedded sample (``--data`` not given):
 # small enough to finish on 2 CPU cores in a few minutes.
-SAMPLE_DEFAULTS = {"image_size": 64, "crop_size": 64, "epochs": 3, "batch_size": 8,
+SAMPLE_DEFAULTS = {"image_size": 64, "epochs": 3, "batch_size": 8,
                    "backbone_weights": "none"}
 DATA_DEFAULTS = {"image_size": 256, "epochs": 100, "batch_size": 8, "backbone_weights": "imagenet"}
 
