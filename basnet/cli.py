@@ -76,6 +76,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     address = address or os.environ.get("RAY_ADDRESS") or None
     env = runtime_env()
     if address:
+        # Named for every worker too: with several Ray instances on one machine, Ray Train's
+        # placement-group cleaner would otherwise have to guess which cluster to ask.
+        env["env_vars"]["RAY_ADDRESS"] = address
         ray.init(address=address, runtime_env=env)
     else:
         # Ray Train's placement-group cleaner finds the dashboard through the State API; with

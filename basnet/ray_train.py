@@ -237,13 +237,21 @@ def resolve_resources(cfg: TrainConfig) -> TrainConfig:
 
 def check_shared_storage(cfg: TrainConfig) -> None:
     """Several machines cannot share checkpoints through one machine's local disk."""
-    if storage.is_s3(cfg.storage):
+    if storage.is_s3(cfg.storage) or os.environ.get("BASNET_STORAGE_IS_SHARED"):
         return
-    addresses = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
-    if len(addresses) > 1 and not os.environ.get("BASNET_STORAGE_IS_SHARED"):
+    fix = "pass --storage s3://bucket/prefix (or a shared mount and set BASNET_STORAGE_IS_SHARED=1)"
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    addresses = {n["NodeManagerAddress"] for n in nodes}
+    if len(addresses) > 1:
         raise UsageError(f"--storage {cfg.storage} is a local path but the cluster has {len(addresses)} "
-                         "machines: pass --storage s3://bucket/prefix (or a shared mount and set "
-                         "BASNET_STORAGE_IS_SHARED=1)")
+                         f"machines: {fix}")
+    # An autoscaling cluster may show only its head now; if the workers cannot run here, they
+    # will run on machines that come later and write to their own disks.
+    here = next((n for n in nodes if n["NodeID"] == ray.get_runtime_context().get_node_id()), None)
+    resources = here["Resources"] if here else {}
+    if resources.get("CPU", 0) < cfg.cpus_per_worker or (cfg.gpu and resources.get("GPU", 0) < 1):
+        raise UsageError(f"--storage {cfg.storage} is a local path but the training workers cannot run "
+                         f"on this machine, so they would write elsewhere: {fix}")
 
 
 def resolve_data(cfg: TrainConfig) -> Split:
