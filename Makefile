@@ -17,7 +17,7 @@ install: $(STAMP)
 # Trains on the embedded sample, masks its held-out images and evaluates them (a few minutes on 2 CPUs).
 demo: $(STAMP)
 	rm -rf demo_out
-	$(PY) jobs/train.py --name demo --storage $(CURDIR)/demo_out/runs
+	$(PY) jobs/train.py --name demo --storage $(CURDIR)/demo_out/runs --eval-data sample --eval-out $(CURDIR)/demo_out/eval
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

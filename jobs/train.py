@@ -22,6 +22,11 @@ from basnet.config import TrainConfig, parse_config  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(TrainConfig, argv, __doc__.splitlines()[0]).resolved()
     setup_logging()
+    if cfg.eval_data:  # a wrong --eval-data fails now, not after hours of training
+        from basnet.evaluation import resolve_eval_data
+
+        resolve_eval_data(cfg.eval_data, skip_unpaired=cfg.skip_unpaired, val_fraction=cfg.val_fraction,
+                          seed=cfg.seed)
     init_ray()
     from basnet.ray_train import fit
 

@@ -67,6 +67,7 @@ def test_sample_defaults_apply_only_without_data():
     (["--image-size", "100"], "not a multiple of 32"),
     (["--epochs", "0"], "must be positive"),
     (["--data", "/nonexistent/duts"], "DUTS-TR"),
+    (["--eval-data", "/nonexistent/duts"], "/nonexistent/duts does not exist"),
 ])
 def test_train_job_bad_arguments_exit_2_with_one_line(argv, message, tmp_path):
     proc = subprocess.run([sys.executable, "jobs/train.py", "--storage", str(tmp_path), *argv],

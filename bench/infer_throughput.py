@@ -1,0 +1,180 @@
+"""Throughput and memory of the bulk-masking job against a plain single-process loop.
+
+    python bench/infer_throughput.py                    # N=40 images of 64 px, model at 64 px
+    python bench/infer_throughput.py --n 200 --size 256 --image-size 256 --batch-size 32   # on a GPU
+
+On the same N generated JPEGs it times (1) a plain loop that, one image after another, decodes
+with PIL, runs the model, resizes the map back and writes the PNG, and (2) the Ray Data job
+(``basnet.ray_infer.run_inference``) on a local Ray, twice: on the freshly started Ray (cold:
+every worker process starts and imports torch) and again (warm: Ray's idle workers are reused;
+the model actor still starts anew, as in every run). Both are timed from loading the weights to
+the last PNG written. It then runs the job on 10 x N images and reports the peak memory of the
+whole Ray process tree (this driver and every process below it: GCS, raylet, workers) for the
+warm N run and the 10 x N run.
+Memory is the sum of PSS (proportional set size: shared pages such as torch's libraries and the
+object store counted once in total, not once per process) and, for reference, the sum of RSS.
+Weights are random: throughput does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from basnet import storage  # noqa: E402
+from basnet.checkpoint import load_model  # noqa: E402
+from basnet.engine import precision_for, predict_probabilities  # noqa: E402
+from basnet.infer import InferConfig, to_grey  # noqa: E402
+from basnet.model import BASNet  # noqa: E402
+from basnet.transforms import decode_image, encode_png, resize_image, resize_mask  # noqa: E402
+
+
+def make_images(root: str, n: int, size: int) -> list[str]:
+    """N photo-like JPEGs (gradient, noise, a bright ellipse) in 10 sub-folders."""
+    rng = np.random.default_rng(n)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    paths = []
+    for i in range(n):
+        base = rng.uniform(40, 120, 3) + yy[..., None] * rng.uniform(-40, 40, 3)
+        cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.3)
+        inside = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r)[..., None]
+        pixels = np.where(inside, rng.uniform(160, 255, 3), base) + rng.normal(0, 6, (size, size, 3))
+        path = os.path.join(root, f"d{i % 10}", f"img{i:06d}.jpg")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def plain_loop(paths: list[str], out: str, weights: str, image_size: int) -> float:
+    """The baseline: one process, one image at a time. Returns seconds."""
+    start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(weights, map_location=device)
+    precision = precision_for(device)
+    for path in paths:
+        image = decode_image(storage.read_bytes(path))
+        batch = torch.from_numpy(resize_image(image, image_size)[None])
+        prob = predict_probabilities(model, batch, device=device, precision=precision)[0].numpy()
+        mask = to_grey(resize_mask(prob, image.shape[:2]))
+        folder, name = os.path.split(path)
+        target = os.path.join(out, os.path.basename(folder), os.path.splitext(name)[0] + ".png")
+        storage.write_bytes(target, encode_png(mask))
+    return time.perf_counter() - start
+
+
+class TreeMemory:
+    """Samples the summed PSS and RSS of this process and all its descendants in a thread."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval, self.peak_pss, self.peak_rss, self.peak_procs = interval, 0, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> tuple[int, int, int]:
+        """Summed PSS and RSS, and the number of processes in the tree."""
+        me = psutil.Process()
+        tree = [me, *me.children(recursive=True)]
+        pss = rss = 0
+        for proc in tree:
+            try:
+                info = proc.memory_full_info()
+                pss, rss = pss + getattr(info, "pss", info.rss), rss + info.rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return pss, rss, len(tree)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pss, rss, procs = self.sample()
+            if pss > self.peak_pss:
+                self.peak_pss, self.peak_procs = pss, procs
+            self.peak_rss = max(self.peak_rss, rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "TreeMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def job(input_dir: str, out: str, weights: str, args: argparse.Namespace):
+    from basnet.ray_infer import run_inference
+
+    cfg = InferConfig(input=input_dir, output=out, weights=weights, image_size=args.image_size,
+                      batch_size=args.batch_size, actors=args.actors)
+    with TreeMemory() as memory:
+        start = time.perf_counter()
+        summary = run_inference(cfg)
+        seconds = time.perf_counter() - start
+    assert summary.written == summary.total, summary.line()
+    return seconds, memory
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--n", type=int, default=40, help="images in the timed comparison")
+    parser.add_argument("--size", type=int, default=64, help="side of the generated images, px")
+    parser.add_argument("--image-size", type=int, default=64, help="model input side, a multiple of 32")
+    parser.add_argument("--batch-size", type=int, default=8, help="the job's batch size")
+    parser.add_argument("--actors", type=int, default=None, help="the job's model replicas (default: auto)")
+    parser.add_argument("--scale", type=int, default=10, help="the memory run uses scale x N images")
+    parser.add_argument("--workdir", default=None, help="where images and masks go (default: a temp dir)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    work = args.workdir or tempfile.mkdtemp(prefix="basnet-bench-")
+    torch.manual_seed(0)
+    weights = os.path.join(work, "basnet.pth")
+    torch.save(BASNet().state_dict(), weights)
+    small = make_images(os.path.join(work, "n"), args.n, args.size)
+    make_images(os.path.join(work, "n10"), args.n * args.scale, args.size)
+
+    loop_s = plain_loop(small, os.path.join(work, "loop"), weights, args.image_size)
+    from basnet.cli import init_ray
+
+    init_ray()
+    idle_pss, idle_rss, idle_procs = TreeMemory().sample()
+    cold_s, _ = job(os.path.join(work, "n"), os.path.join(work, "job-cold"), weights, args)
+    job_s, mem_n = job(os.path.join(work, "n"), os.path.join(work, "job-n"), weights, args)
+    job10_s, mem_10 = job(os.path.join(work, "n10"), os.path.join(work, "job-n10"), weights, args)
+    report(args, loop_s, cold_s, job_s, job10_s, (idle_pss, idle_rss, idle_procs), mem_n, mem_10)
+
+
+def report(args: argparse.Namespace, loop_s: float, cold_s: float, job_s: float, job10_s: float,
+           idle: tuple[int, int, int], mem_n: TreeMemory, mem_10: TreeMemory) -> None:
+    n, n10, gib = args.n, args.n * args.scale, 2.0 ** 30
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x {os.cpu_count()}"
+    print(f"\n{n} images of {args.size} px, model at {args.image_size} px, batch {args.batch_size}, {device}")
+    print(f"plain loop          : {loop_s:7.1f} s  {n / loop_s:7.2f} images/s")
+    print(f"job, cold Ray       : {cold_s:7.1f} s  {n / cold_s:7.2f} images/s   ratio {loop_s / cold_s:.2f}x")
+    print(f"job, warm Ray       : {job_s:7.1f} s  {n / job_s:7.2f} images/s   ratio {loop_s / job_s:.2f}x")
+    print(f"job, {n10:5d} images : {job10_s:7.1f} s  {n10 / job10_s:7.2f} images/s")
+    print(f"memory (PSS sum): idle Ray {idle[0] / gib:.2f} GiB, peak N {mem_n.peak_pss / gib:.2f} GiB, "
+          f"peak {args.scale}xN {mem_10.peak_pss / gib:.2f} GiB, ratio {mem_10.peak_pss / mem_n.peak_pss:.2f}")
+    print(f"memory (RSS sum): idle Ray {idle[1] / gib:.2f} GiB, peak N {mem_n.peak_rss / gib:.2f} GiB, "
+          f"peak {args.scale}xN {mem_10.peak_rss / gib:.2f} GiB, ratio {mem_10.peak_rss / mem_n.peak_rss:.2f}")
+    print(f"processes in the tree: idle {idle[2]}, at the PSS peak N {mem_n.peak_procs}, "
+          f"{args.scale}xN {mem_10.peak_procs}")
+
+
+if __name__ == "__main__":
+    main()

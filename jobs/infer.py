@@ -1,0 +1,41 @@
+"""Mask every image of a collection with BASNet: Ray Data batch inference, one PNG per image.
+
+    python jobs/infer.py --input /data/photos --output /data/masks --weights runs/basnet/epoch_0100
+    python jobs/infer.py --input s3://bucket/shards --output s3://bucket/cutouts --weights basnet.pth \\
+        --format rgba --actors 4 --num-gpus-per-actor 1 --batch-size 32
+    ray job submit --working-dir . -- python jobs/infer.py --input s3://... --output s3://... --weights ...
+
+Re-running with the same --output skips inputs whose mask exists (--overwrite redoes them). Each
+run writes its manifest to <output>/_manifest/part-<run>-NNNN.parquet and its resolved config
+to <output>/_config/config-<run>.yaml.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from basnet.cli import init_ray, main_guard, setup_logging  # noqa: E402
+from basnet.config import parse_config  # noqa: E402
+from basnet.infer import InferConfig, plan_inference  # noqa: E402
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(InferConfig, argv, __doc__.splitlines()[0])
+    setup_logging()
+    plan = plan_inference(cfg)  # every argument error surfaces here, before Ray starts
+    if plan.items:  # a re-run of a finished job settles everything on the driver
+        init_ray(plan.config.address)
+    from basnet.ray_infer import execute
+
+    summary = execute(plan)
+    print(summary.line(), flush=True)
+    print(f"masks in {summary.output}, manifest {', '.join(summary.manifest)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
