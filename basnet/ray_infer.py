@@ -92,7 +92,9 @@ class _PredictorActor:
         use_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         device = torch.device("cuda" if use_gpu else "cpu")
         if not use_gpu:
-            # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this actor reserved instead.
+            # Ray sets OMP_NUM_THREADS=1 in workers; use the whole CPUs this actor reserved. Never
+            # more: an intra-op thread that loses its core stalls every op, and on 2 cores shared
+            # with the decode and write tasks 2 threads ran several times slower than 1.
             torch.set_num_threads(threads)
         self.predictor = MaskPredictor(state, device=device)
 
@@ -119,7 +121,7 @@ def build_dataset(plan: InferPlan, cfg: InferConfig, weights_ref: ray.ObjectRef)
         "size": cfg.image_size, "max_pixels": cfg.max_pixels, "keep_bytes": cfg.format == "rgba",
         "overwrite": cfg.overwrite, "batch_size": cfg.batch_size}, **task_args)
     ds = ds.map_batches(_PredictorActor, fn_constructor_kwargs={
-        "weights": (weights_ref,), "threads": max(1, math.ceil(cfg.cpus_per_actor))},
+        "weights": (weights_ref,), "threads": max(1, int(cfg.cpus_per_actor))},
         compute=ray.data.ActorPoolStrategy(size=cfg.actors), batch_size=cfg.batch_size,
         batch_format="numpy", **actor_args)
     return ds.map_batches(write_batch, fn_kwargs={"fmt": cfg.format, "threshold": cfg.threshold}, **task_args)
@@ -140,9 +142,9 @@ def execute(plan: InferPlan) -> InferSummary:
     if plan.items:  # with nothing left to do (a finished run again) Ray is not needed at all
         cfg = resolve_resources(cfg)
         save_config(cfg, plan.config_uri, plan.run_id)  # now with the resolved resources
-    logger.info("masking %s%d inputs into %s at %d px: %d actor(s), %.2g GPU and %.2g CPU each",
-                "at least " if plan.has_shards else "", plan.known_total, plan.output_root,
-                cfg.image_size, cfg.actors, cfg.num_gpus_per_actor, cfg.cpus_per_actor)
+        logger.info("masking %s%d inputs into %s at %d px: %d actor(s), %.2g GPU and %.2g CPU each",
+                    "at least " if plan.has_shards else "", plan.known_total, plan.output_root,
+                    cfg.image_size, cfg.actors, cfg.num_gpus_per_actor, cfg.cpus_per_actor)
     start = time.perf_counter()
     writer = ManifestWriter(plan.output_root, plan.run_id)
     progress = Progress(None if plan.has_shards else plan.known_total)
