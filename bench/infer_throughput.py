@@ -148,26 +148,33 @@ def main() -> None:
     small = make_images(os.path.join(work, "n"), args.n, args.size)
     make_images(os.path.join(work, "n10"), args.n * args.scale, args.size)
 
+    loads = []  # the 1-minute load average after each phase: other processes skew every figure
     loop_s = plain_loop(small, os.path.join(work, "loop"), weights, args.image_size)
+    loads.append(os.getloadavg()[0])
     from basnet.cli import init_ray
 
     init_ray()
     idle_pss, idle_rss, idle_procs = TreeMemory().sample()
     cold_s, _ = job(os.path.join(work, "n"), os.path.join(work, "job-cold"), weights, args)
+    loads.append(os.getloadavg()[0])
     job_s, mem_n = job(os.path.join(work, "n"), os.path.join(work, "job-n"), weights, args)
+    loads.append(os.getloadavg()[0])
     job10_s, mem_10 = job(os.path.join(work, "n10"), os.path.join(work, "job-n10"), weights, args)
-    report(args, loop_s, cold_s, job_s, job10_s, (idle_pss, idle_rss, idle_procs), mem_n, mem_10)
+    loads.append(os.getloadavg()[0])
+    report(args, (loop_s, cold_s, job_s, job10_s), loads, (idle_pss, idle_rss, idle_procs), mem_n, mem_10)
 
 
-def report(args: argparse.Namespace, loop_s: float, cold_s: float, job_s: float, job10_s: float,
+def report(args: argparse.Namespace, seconds: tuple[float, float, float, float], loads: list[float],
            idle: tuple[int, int, int], mem_n: TreeMemory, mem_10: TreeMemory) -> None:
-    n, n10, gib = args.n, args.n * args.scale, 2.0 ** 30
+    (loop_s, cold_s, job_s, job10_s), n, n10, gib = seconds, args.n, args.n * args.scale, 2.0 ** 30
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x {os.cpu_count()}"
     print(f"\n{n} images of {args.size} px, model at {args.image_size} px, batch {args.batch_size}, {device}")
-    print(f"plain loop          : {loop_s:7.1f} s  {n / loop_s:7.2f} images/s")
-    print(f"job, cold Ray       : {cold_s:7.1f} s  {n / cold_s:7.2f} images/s   ratio {loop_s / cold_s:.2f}x")
-    print(f"job, warm Ray       : {job_s:7.1f} s  {n / job_s:7.2f} images/s   ratio {loop_s / job_s:.2f}x")
-    print(f"job, {n10:5d} images : {job10_s:7.1f} s  {n10 / job10_s:7.2f} images/s")
+    print(f"plain loop          : {loop_s:7.1f} s  {n / loop_s:7.2f} images/s              load {loads[0]:.1f}")
+    print(f"job, cold Ray       : {cold_s:7.1f} s  {n / cold_s:7.2f} images/s  ratio {loop_s / cold_s:.2f}x  "
+          f"load {loads[1]:.1f}")
+    print(f"job, warm Ray       : {job_s:7.1f} s  {n / job_s:7.2f} images/s  ratio {loop_s / job_s:.2f}x  "
+          f"load {loads[2]:.1f}")
+    print(f"job, {n10:5d} images : {job10_s:7.1f} s  {n10 / job10_s:7.2f} images/s              load {loads[3]:.1f}")
     print(f"memory (PSS sum): idle Ray {idle[0] / gib:.2f} GiB, peak N {mem_n.peak_pss / gib:.2f} GiB, "
           f"peak {args.scale}xN {mem_10.peak_pss / gib:.2f} GiB, ratio {mem_10.peak_pss / mem_n.peak_pss:.2f}")
     print(f"memory (RSS sum): idle Ray {idle[1] / gib:.2f} GiB, peak N {mem_n.peak_rss / gib:.2f} GiB, "
