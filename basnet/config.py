@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "TrainConfig", "build_parser", "parse_config", "load_yaml", "SAMPLE_DEFAULTS"]
+__all__ = ["ConfigError", "option", "TrainConfig", "build_parser", "parse_config", "load_yaml", "SAMPLE_DEFAULTS"]
 
 T = TypeVar("T")
 
@@ -25,7 +25,8 @@ class ConfigError(ValueError):
     """A bad option or config file; the message names the problem and the fix."""
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
+def option(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field whose ``help`` (and argparse extras such as ``choices``) build its flag."""
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -40,34 +41,34 @@ DATA_DEFAULTS = {"image_size": 256, "epochs": 100, "batch_size": 8, "backbone_we
 class TrainConfig:
     """Everything the training job needs; ``None`` means "resolved from the data"."""
 
-    data: str | None = _opt(None, "DUTS-layout root (local, file:// or s3://); default: the embedded sample")
-    storage: str | None = _opt(None, "where checkpoints go (local or s3://; shared storage on several "
+    data: str | None = option(None, "DUTS-layout root (local, file:// or s3://); default: the embedded sample")
+    storage: str | None = option(None, "where checkpoints go (local or s3://; shared storage on several "
                                      "nodes); default: $BASNET_STORAGE or ./runs")
-    name: str = _opt("basnet", "run name; re-running with the same name resumes from its last checkpoint")
-    epochs: int | None = _opt(None, "training epochs (default 100; 3 on the sample)")
-    batch_size: int | None = _opt(None, "global batch size, split across workers (default 8)")
-    image_size: int | None = _opt(None, "resize side before cropping, a multiple of 32 (default 256; 64 on the sample)")
-    crop_size: int | None = _opt(None, "random-crop side, a multiple of 32 (default 7/8 of --image-size)")
-    lr: float = _opt(1e-3, "Adam learning rate (the paper's 1e-3)")
-    weight_decay: float = _opt(0.0, "Adam weight decay")
-    bce_weight: float = _opt(1.0, "weight of the BCE term of the hybrid loss")
-    ssim_weight: float = _opt(1.0, "weight of the (1 - SSIM) term")
-    iou_weight: float = _opt(1.0, "weight of the IoU term")
-    num_workers: int | None = _opt(None, "training workers (default: one per GPU, or 1 on CPU)")
-    min_workers: int | None = _opt(None, "elastic training: go on with as few as this many workers "
+    name: str = option("basnet", "run name; re-running with the same name resumes from its last checkpoint")
+    epochs: int | None = option(None, "training epochs (default 100; 3 on the sample)")
+    batch_size: int | None = option(None, "global batch size, split across workers (default 8)")
+    image_size: int | None = option(None, "resize side before cropping, a multiple of 32 (default 256; 64 on the sample)")
+    crop_size: int | None = option(None, "random-crop side, a multiple of 32 (default 7/8 of --image-size)")
+    lr: float = option(1e-3, "Adam learning rate (the paper's 1e-3)")
+    weight_decay: float = option(0.0, "Adam weight decay")
+    bce_weight: float = option(1.0, "weight of the BCE term of the hybrid loss")
+    ssim_weight: float = option(1.0, "weight of the (1 - SSIM) term")
+    iou_weight: float = option(1.0, "weight of the IoU term")
+    num_workers: int | None = option(None, "training workers (default: one per GPU, or 1 on CPU)")
+    min_workers: int | None = option(None, "elastic training: go on with as few as this many workers "
                                          "when nodes are lost (default: --num-workers, not elastic)")
-    cpus_per_worker: float | None = _opt(None, "CPUs per training worker (default 1 with GPU; on CPU "
+    cpus_per_worker: float | None = option(None, "CPUs per training worker (default 1 with GPU; on CPU "
                                                "what leaves one CPU for Ray Data)")
-    gpu: bool | None = _opt(None, "train on GPUs (default: if the cluster has any)")
-    backbone_weights: str | None = _opt(None, "encoder init: imagenet, none or a torchvision resnet34 "
+    gpu: bool | None = option(None, "train on GPUs (default: if the cluster has any)")
+    backbone_weights: str | None = option(None, "encoder init: imagenet, none or a torchvision resnet34 "
                                               "state-dict PATH (default imagenet; none on the sample)")
-    max_failures: int = _opt(3, "worker-group restarts from the last checkpoint before the run fails")
-    skip_unpaired: bool = _opt(False, "skip images without a mask (and masks without an image) instead of failing")
-    val_fraction: float = _opt(0.1, "held-out share for validation when the data has no DUTS-TE")
-    eval_data: str | None = _opt(None, "after training, evaluate the best checkpoint on this data "
+    max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails")
+    skip_unpaired: bool = option(False, "skip images without a mask (and masks without an image) instead of failing")
+    val_fraction: float = option(0.1, "held-out share for validation when the data has no DUTS-TE")
+    eval_data: str | None = option(None, "after training, evaluate the best checkpoint on this data "
                                        "(a DUTS-layout root, or 'sample')")
-    eval_out: str | None = _opt(None, "where the evaluation writes (default: <storage>/<name>/eval)")
-    seed: int = _opt(0, "seed for the model init and the held-out split")
+    eval_out: str | None = option(None, "where the evaluation writes (default: <storage>/<name>/eval)")
+    seed: int = option(0, "seed for the model init and the held-out split")
 
     def resolved(self) -> "TrainConfig":
         """Fills the ``None`` defaults from the data (sample or real) and checks the values."""

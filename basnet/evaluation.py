@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from basnet import storage
-from basnet.config import ConfigError
+from basnet.config import ConfigError, option
 from basnet.data import DataError, Pair, evaluation_pairs, find_split_dirs
 from basnet.metrics import SODMetrics, image_scores
 from basnet.transforms import IMAGE_SUFFIXES, ImageDecodeError, decode_mask, resize_mask
@@ -37,31 +37,27 @@ SAMPLE_TOKEN = "sample"  # --data / --eval-data value meaning the embedded sampl
 _DEFAULT_IMAGE_SIZE = 256  # the paper's test size
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class EvalConfig:
     """Options of ``jobs/evaluate.py``: score existing masks, or predict and then score."""
 
-    pred: str | None = _opt(None, "folder of predicted masks (local, file:// or s3://); use with --gt")
-    gt: str | None = _opt(None, "folder of ground-truth masks, or a DUTS-layout root holding DUTS-TE; "
+    pred: str | None = option(None, "folder of predicted masks (local, file:// or s3://); use with --gt")
+    gt: str | None = option(None, "folder of ground-truth masks, or a DUTS-layout root holding DUTS-TE; "
                                 "use with --pred")
-    images: str | None = _opt(None, "folder of the input images, for the contact sheets (default: "
+    images: str | None = option(None, "folder of the input images, for the contact sheets (default: "
                                     "guessed beside --gt, e.g. DUTS-TE-Image next to DUTS-TE-Mask)")
-    weights: str | None = _opt(None, "checkpoint directory, model.pt or published basnet.pth to predict "
+    weights: str | None = option(None, "checkpoint directory, model.pt or published basnet.pth to predict "
                                      "with; use with --data")
-    data: str | None = _opt(None, "DUTS-layout root, or a root holding images/ and masks/, or 'sample' "
+    data: str | None = option(None, "DUTS-layout root, or a root holding images/ and masks/, or 'sample' "
                                   "(the embedded sample's held-out images); use with --weights")
-    out: str = _opt("eval", "where metrics.json, metrics.md, per_image.parquet and the pictures go "
+    out: str = option("eval", "where metrics.json, metrics.md, per_image.parquet and the pictures go "
                             "(and predictions/ with --weights)")
-    image_size: int | None = _opt(None, "side the model sees with --weights, a multiple of 32 (default: "
+    image_size: int | None = option(None, "side the model sees with --weights, a multiple of 32 (default: "
                                         "the checkpoint's training size, else 256)")
-    batch_size: int = _opt(8, "images per inference batch with --weights")
-    sheet_rows: int = _opt(8, "images in each of the worst.png and best.png contact sheets")
-    skip_unpaired: bool = _opt(False, "with --data: skip images without a mask instead of failing")
-    blocks: int | None = _opt(None, "parallel scoring tasks (default: from the cluster's CPUs and the "
+    batch_size: int = option(8, "images per inference batch with --weights")
+    sheet_rows: int = option(8, "images in each of the worst.png and best.png contact sheets")
+    skip_unpaired: bool = option(False, "with --data: skip images without a mask instead of failing")
+    blocks: int | None = option(None, "parallel scoring tasks (default: from the cluster's CPUs and the "
                                     "number of images)")
 
     def mode(self) -> str:

@@ -25,7 +25,7 @@ import sys
 import tarfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -36,7 +36,7 @@ import yaml
 
 from basnet import storage
 from basnet.cli import UsageError
-from basnet.config import ConfigError
+from basnet.config import ConfigError, option
 from basnet.engine import precision_for, predict_probabilities
 from basnet.model import BASNet
 from basnet.transforms import (IMAGE_SUFFIXES, ImageDecodeError, decode_image, encode_png,
@@ -62,40 +62,36 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
-
-
 @dataclass
 class InferConfig:
     """Everything the bulk-masking job needs; ``None`` means "resolved from the weights or cluster"."""
 
-    input: str | None = _opt(None, "images: a folder or prefix (local, file://, s3://) walked recursively, "
+    input: str | None = option(None, "images: a folder or prefix (local, file://, s3://) walked recursively, "
                                    "a .tar shard, a text (one path a line) or Parquet manifest, or one image")
-    output: str | None = _opt(None, "folder or prefix for the masks; each mask mirrors its input's "
+    output: str | None = option(None, "folder or prefix for the masks; each mask mirrors its input's "
                                     "relative path with a .png suffix")
-    weights: str | None = _opt(None, "a training checkpoint directory, its model.pt, or the published "
+    weights: str | None = option(None, "a training checkpoint directory, its model.pt, or the published "
                                      "basnet.pth (local or s3://)")
-    format: str = _opt("mask", "mask: 8-bit soft saliency; binary: 0/255 at --threshold; "
+    format: str = option("mask", "mask: 8-bit soft saliency; binary: 0/255 at --threshold; "
                                "rgba: the image with the mask as alpha", choices=FORMATS)
-    threshold: float = _opt(0.5, "saliency threshold in [0, 1] for --format binary")
-    image_size: int | None = _opt(None, "model input side, a multiple of 32 (default: the checkpoint's "
+    threshold: float = option(0.5, "saliency threshold in [0, 1] for --format binary")
+    image_size: int | None = option(None, "model input side, a multiple of 32 (default: the checkpoint's "
                                         "training size; 256 for published weights)")
-    batch_size: int = _opt(8, "images per model call")
-    actors: int | None = _opt(None, "model replicas (default: one per GPU, or one per node without GPUs)")
-    num_gpus_per_actor: float | None = _opt(None, "GPUs per model replica (default 1 if the cluster "
+    batch_size: int = option(8, "images per model call")
+    actors: int | None = option(None, "model replicas (default: one per GPU, or one per node without GPUs)")
+    num_gpus_per_actor: float | None = option(None, "GPUs per model replica (default 1 if the cluster "
                                                   "has GPUs, else 0)")
-    cpus_per_actor: float | None = _opt(None, "CPUs per model replica (default 1 with a GPU; without, "
+    cpus_per_actor: float | None = option(None, "CPUs per model replica (default 1 with a GPU; without, "
                                               "its node's CPUs less the decode/write share)")
-    actor_resources: str | None = _opt(None, "custom Ray resources each model replica needs, as JSON, "
+    actor_resources: str | None = option(None, "custom Ray resources each model replica needs, as JSON, "
                                              "e.g. '{\"infer_node\": 1}' to pin replicas to tagged nodes")
-    task_cpus: float = _opt(0.25, "CPUs per decode and per write task")
-    task_resources: str | None = _opt(None, "custom Ray resources per decode and write task, as JSON")
-    max_pixels: int = _opt(64_000_000, "refuse (record as failed) images with more pixels than this")
-    overwrite: bool = _opt(False, "redo inputs whose output already exists (default: skip them)")
-    root: str | None = _opt(None, "folder a manifest's paths are mirrored relative to (default: the "
+    task_cpus: float = option(0.25, "CPUs per decode and per write task")
+    task_resources: str | None = option(None, "custom Ray resources per decode and write task, as JSON")
+    max_pixels: int = option(64_000_000, "refuse (record as failed) images with more pixels than this")
+    overwrite: bool = option(False, "redo inputs whose output already exists (default: skip them)")
+    root: str | None = option(None, "folder a manifest's paths are mirrored relative to (default: the "
                                   "manifest's folder if it holds them all, else their common folder)")
-    address: str | None = _opt(None, "Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    address: str | None = option(None, "Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
 
     def check(self) -> None:
         """Raises ConfigError naming the first bad option."""
