@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from basnet import storage
+from basnet.errors import UserError
 from basnet.model import BASNet
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ CONFIG_FILE = "config.yaml"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable or not in BASNet's layout."""
 
 
@@ -65,7 +66,7 @@ def save_checkpoint(
     payload = {
         "format": FORMAT,
         "model": {k: v.detach().cpu() for k, v in strip_prefixes(model_state).items()},
-        "optimizer": optimizer_state,
+        "optimizer": _to_cpu(optimizer_state),
         "scaler": scaler_state,
         "epoch": int(epoch),
         "metrics": metrics,
@@ -80,7 +81,7 @@ def save_checkpoint(
     # config.yaml first: a directory that has model.pt is complete.
     storage.write_bytes(storage.join(directory, CONFIG_FILE), text.encode())
     storage.write_bytes(storage.join(directory, MODEL_FILE), buffer.getvalue())
-    logger.info("saved checkpoint of epoch %d to %s", epoch, directory)
+    logger.debug("saved checkpoint of epoch %d to %s", epoch, directory)
     return directory
 
 
@@ -150,6 +151,31 @@ def load_model(source: str, *, map_location: Any = "cpu") -> BASNet:
     return model.eval()
 
 
+def restore_training_state(payload: dict[str, Any], module: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer | None = None,
+                           scaler: torch.amp.GradScaler | None = None) -> tuple[int, dict]:
+    """Load a checkpoint's model, optimizer and scaler state into live objects.
+
+    Call it once the model is on its device and the optimizer is built on those parameters:
+    ``Optimizer.load_state_dict`` then casts the saved state to each parameter's device.
+
+    Args:
+        payload: What :func:`load_checkpoint` returned.
+        module: The bare model (not a DDP or compile wrapper).
+        optimizer: The optimizer to restore, if any.
+        scaler: The GradScaler to restore, if any.
+
+    Returns:
+        ``(epochs done, metrics of that epoch)``.
+    """
+    module.load_state_dict(payload["model"])
+    if optimizer is not None and payload.get("optimizer"):
+        optimizer.load_state_dict(payload["optimizer"])
+    if scaler is not None and payload.get("scaler"):
+        scaler.load_state_dict(payload["scaler"])
+    return int(payload.get("epoch") or 0), dict(payload.get("metrics") or {})
+
+
 def checkpoint_config(source: str) -> dict[str, Any] | None:
     """Return the training config stored with a checkpoint, or None for published weights.
 
@@ -210,6 +236,17 @@ def _torch_load(uri: str, map_location: Any) -> Any:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _to_cpu(value: Any) -> Any:
+    """The same nested structure with every tensor on the CPU, so a checkpoint loads anywhere."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def _plain(value: Any) -> Any:

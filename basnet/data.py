@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from basnet import storage
+from basnet.errors import UserError
 from basnet.transforms import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ _LAYOUTS = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with the user's data, worded as one line that names the fix."""
 
 

@@ -20,7 +20,13 @@ from torch import nn
 from torchvision.models import ResNet34_Weights, resnet34
 from torchvision.models.resnet import BasicBlock
 
+from basnet.errors import UserError
+
 logger = logging.getLogger(__name__)
+
+
+class BackboneWeightsError(UserError):
+    """Backbone weights that cannot be had: a missing or foreign file, or no way to download them."""
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -210,18 +216,43 @@ class BASNet(nn.Module):
 
     def _load_backbone(self, source: str) -> None:
         """Copy ResNet-34 ``layer1..layer4`` weights into ``encoder1..encoder4``."""
-        state = _imagenet_state_dict() if source == "imagenet" else _local_state_dict(source)
-        for i in range(1, 5):
-            prefix = f"layer{i}."
-            part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            try:
-                getattr(self, f"encoder{i}").load_state_dict(part)
-            except RuntimeError as error:
-                raise ValueError(
-                    f"backbone weights {source!r} are not a torchvision resnet34 state dict "
-                    f"(layer{i} does not match: {str(error).splitlines()[0]})"
-                ) from None
+        _copy_backbone(self, backbone_state_dict(source), source)
         logger.info("loaded ResNet-34 backbone weights from %s", source)
+
+
+def _copy_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    for i in range(1, 5):
+        prefix = f"layer{i}."
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        try:
+            getattr(model, f"encoder{i}").load_state_dict(part)
+        except RuntimeError as error:
+            raise BackboneWeightsError(
+                f"backbone weights {source!r} are not a torchvision resnet34 state dict "
+                f"(layer{i} does not match: {str(error).splitlines()[0]})"
+            ) from None
+
+
+def backbone_state_dict(source: str) -> dict[str, torch.Tensor]:
+    """The torchvision ResNet-34 state dict ``source`` names: ``"imagenet"`` (downloaded once into
+    torch's cache) or a local file."""
+    return _imagenet_state_dict() if source == "imagenet" else _local_state_dict(source)
+
+
+def check_backbone_weights(source: str | None) -> None:
+    """Fails now, in one line, if ``source`` cannot initialise the encoder.
+
+    Jobs call this on the driver before Ray starts, so a missing file or an offline machine is an
+    argument error (exit 2) instead of a failure inside every training worker. ``"imagenet"`` is
+    downloaded into torch's cache here, so a single-machine run reads it from there afterwards.
+
+    Raises:
+        BackboneWeightsError: The file is missing or not a resnet34 state dict, or the download failed.
+    """
+    if source in (None, "none"):
+        return
+    encoders = nn.ModuleDict({f"encoder{i}": getattr(resnet34(weights=None), f"layer{i}") for i in range(1, 5)})
+    _copy_backbone(encoders, backbone_state_dict(source), source)
 
 
 def _imagenet_state_dict() -> dict[str, torch.Tensor]:
@@ -229,9 +260,9 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
     try:
         return ResNet34_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
     except (OSError, RuntimeError) as error:  # URLError is an OSError; bad hash a RuntimeError
-        raise RuntimeError(
+        raise BackboneWeightsError(
             f"cannot download the ImageNet ResNet-34 weights (offline? {_first_line(error)}); "
-            "pass a local torchvision resnet34 state dict path as backbone_weights instead"
+            "pass a local torchvision resnet34 state dict file as --backbone-weights PATH, or none"
         ) from None
 
 
@@ -240,17 +271,17 @@ def _local_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ValueError(
+        raise BackboneWeightsError(
             f"backbone weights not found: {path} "
-            "(pass 'imagenet', None or a torchvision resnet34 state dict file)"
+            "(pass imagenet, none or a torchvision resnet34 state dict file)"
         ) from None
     except Exception as error:  # torch.load raises many types for files that are not checkpoints
-        raise ValueError(
+        raise BackboneWeightsError(
             f"backbone weights {path} cannot be read as a state dict: {_first_line(error)}"
         ) from None
     if not isinstance(state, dict):
         kind = type(state).__name__
-        raise ValueError(f"backbone weights {path} hold a {kind}, not a state dict")
+        raise BackboneWeightsError(f"backbone weights {path} hold a {kind}, not a state dict")
     return state
 
 

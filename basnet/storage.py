@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from basnet.errors import UserError
+
 __all__ = [
     "filesystem",
     "is_s3",
@@ -30,7 +32,7 @@ __all__ = [
 ]
 
 
-class StorageError(ValueError):
+class StorageError(UserError):
     """A URI that cannot be used (unknown scheme, missing object)."""
 
 
