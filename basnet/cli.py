@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from basnet.console import quiet_ray_console
+from basnet.errors import UserError
+
 __all__ = ["UsageError", "main_guard", "init_ray", "setup_logging"]
 
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
@@ -19,17 +22,8 @@ _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID"
                   "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "BASNET_SAMPLE_DIR")
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A mistake in the job's arguments or inputs that the user can fix."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from basnet.checkpoint import CheckpointError
-    from basnet.config import ConfigError
-    from basnet.data import DataError
-    from basnet.storage import StorageError
-
-    return UsageError, ConfigError, DataError, CheckpointError, StorageError
 
 
 def main_guard(fn: Callable[..., int | None]) -> Callable[..., int]:
@@ -39,17 +33,21 @@ def main_guard(fn: Callable[..., int | None]) -> Callable[..., int]:
     def wrapper(*args, **kwargs) -> int:
         try:
             return fn(*args, **kwargs) or 0
-        except _user_errors() as exc:
+        except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
 
     return wrapper
 
 
-def setup_logging() -> None:
+def setup_logging(verbose: bool = False) -> None:
+    """The job's logging; unless ``verbose``, Ray's internal chatter stays off the console
+    (``basnet.console``). Call it before Ray is imported."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Ray Data's per-operator progress bars flood job logs; the jobs print their own summaries.
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    if not verbose:
+        quiet_ray_console()
 
 
 def runtime_env() -> dict:
@@ -66,21 +64,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+_started_here = False
+
+
+def started_local_ray() -> bool:
+    """Whether this process started the Ray it uses (one machine, nothing will be added to it)."""
+    return _started_here
+
+
+def _dashboard_available() -> bool:
+    """``ray[default]`` brings the dashboard (and the State API); a bare ``ray`` install lacks it."""
+    from ray._private.utils import get_dashboard_dependency_error
+
+    return get_dashboard_dependency_error() is None
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = False) -> None:
     """Joins the cluster named by ``address`` or ``RAY_ADDRESS`` (set inside ``ray job submit``),
-    else starts a local Ray on this machine."""
+    else starts a local Ray on this machine. Ray's own INFO logs stay off the console unless
+    ``verbose``; what workers print (the training job's epoch lines) still reaches it."""
+    global _started_here
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     env = runtime_env()
+    quiet = {} if verbose else {"logging_level": logging.WARNING}
     if address:
         # Named for every worker too: with several Ray instances on one machine, Ray Train's
         # placement-group cleaner would otherwise have to guess which cluster to ask.
         env["env_vars"]["RAY_ADDRESS"] = address
-        ray.init(address=address, runtime_env=env)
-    else:
+        ray.init(address=address, runtime_env=env, **quiet)
+    elif _dashboard_available():
         # Ray Train's placement-group cleaner finds the dashboard through the State API; with
         # several Ray instances on one machine it cannot guess which, so name ours explicitly.
         port = _free_port()
@@ -88,7 +104,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         os.environ["RAY_API_SERVER_ADDRESS"] = api
         env["env_vars"]["RAY_API_SERVER_ADDRESS"] = api
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, runtime_env=env)
+                 dashboard_port=port, runtime_env=env, **quiet)
+    else:  # e.g. a GPU image with Ray installed from wheels, without the [default] extra
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, **quiet)
+    _started_here = not address
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

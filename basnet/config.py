@@ -16,19 +16,19 @@ from typing import Any, TypeVar
 
 import yaml
 
+from basnet.errors import ConfigError
+
 __all__ = ["ConfigError", "option", "TrainConfig", "build_parser", "parse_config", "load_yaml", "SAMPLE_DEFAULTS"]
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A bad option or config file; the message names the problem and the fix."""
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
     """A dataclass field whose ``help`` (and argparse extras such as ``choices``) build its flag."""
     return field(default=default, metadata={"help": help, **extra})
 
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # --precision of every job; basnet.device says what each means
 
 # What an option left unset means when training on the embedded sample (``--data`` not given):
 # small enough to finish on 2 CPU cores in a few minutes.
@@ -60,6 +60,17 @@ class TrainConfig:
     cpus_per_worker: float | None = option(None, "CPUs per training worker (default 1 with GPU; on CPU "
                                                "what leaves one CPU for Ray Data)")
     gpu: bool | None = option(None, "train on GPUs (default: if the cluster has any)")
+    gpus_per_worker: float = option(1.0, "GPUs per training worker; a fraction shares a GPU between "
+                                         "workers (they then talk over gloo, since NCCL refuses two ranks "
+                                         "on one GPU)")
+    precision: str = option("auto", "auto: bf16 autocast on GPUs that support it, fp16 with loss scaling "
+                                  "on older GPUs, fp32 on CPU; or fp32, bf16, fp16", choices=PRECISIONS)
+    channels_last: bool | None = option(None, "channels_last (NHWC) model and inputs (default: on GPUs)")
+    compile: bool = option(False, "torch.compile the model (slower first steps, faster after)")
+    sync_bn: str = option("auto", "synchronise BatchNorm statistics across workers; auto: with several "
+                                "GPU workers of fewer than 8 images each", choices=("auto", "on", "off"))
+    log_every: int = option(50, "rank 0 prints the loss, images/s and ETA every this many steps (0: never)")
+    verbose: bool = option(False, "show Ray's own INFO logs on the console")
     backbone_weights: str | None = option(None, "encoder init: imagenet, none or a torchvision resnet34 "
                                               "state-dict PATH (default imagenet; none on the sample)")
     max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails")
@@ -99,10 +110,23 @@ class TrainConfig:
                 raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {value}")
         if self.min_workers and self.num_workers and self.min_workers > self.num_workers:
             raise ConfigError("--min-workers is larger than --num-workers")
+        self.check_batch_split()
+        if not 0 < self.gpus_per_worker <= 1 and not (self.gpus_per_worker > 1 and self.gpus_per_worker.is_integer()):
+            raise ConfigError(f"--gpus-per-worker must be a fraction in (0, 1] or a whole number, got {self.gpus_per_worker}")
+        if self.log_every < 0:
+            raise ConfigError(f"--log-every must be 0 (never) or more, got {self.log_every}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
         if self.max_failures < -1:
             raise ConfigError("--max-failures must be -1 (unlimited) or more")
+
+    def check_batch_split(self) -> None:
+        """The global batch must split equally: a remainder would silently change it."""
+        if self.batch_size and self.num_workers and self.batch_size % self.num_workers:
+            lower = self.batch_size // self.num_workers * self.num_workers
+            fix = f"--batch-size {lower or self.num_workers} or {lower + self.num_workers}"
+            raise ConfigError(f"--batch-size {self.batch_size} does not split equally across "
+                              f"{self.num_workers} workers: use {fix}, or another --num-workers")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from basnet import storage
-from basnet.config import ConfigError, option
+from basnet.config import PRECISIONS, ConfigError, option
 from basnet.data import DataError, Pair, evaluation_pairs, find_split_dirs
 from basnet.metrics import SODMetrics, image_scores
 from basnet.transforms import IMAGE_SUFFIXES, ImageDecodeError, decode_mask, resize_mask
@@ -55,10 +55,13 @@ class EvalConfig:
     image_size: int | None = option(None, "side the model sees with --weights, a multiple of 32 (default: "
                                         "the checkpoint's training size, else 256)")
     batch_size: int = option(8, "images per inference batch with --weights")
+    precision: str = option("auto", "with --weights: auto (bf16 on GPUs that support it, fp16 on older "
+                                  "GPUs, fp32 on CPU), fp32, bf16 or fp16", choices=PRECISIONS)
     sheet_rows: int = option(8, "images in each of the worst.png and best.png contact sheets")
     skip_unpaired: bool = option(False, "with --data: skip images without a mask instead of failing")
     blocks: int | None = option(None, "parallel scoring tasks (default: from the cluster's CPUs and the "
                                     "number of images)")
+    verbose: bool = option(False, "show Ray's own INFO logs on the console")
 
     def mode(self) -> str:
         """``"pred"`` or ``"weights"``; raises ConfigError unless exactly one mode is complete."""

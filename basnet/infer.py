@@ -36,8 +36,9 @@ import yaml
 
 from basnet import storage
 from basnet.cli import UsageError
-from basnet.config import ConfigError, option
-from basnet.engine import precision_for, predict_probabilities
+from basnet.config import PRECISIONS, ConfigError, option
+from basnet.device import compile_model, memory_format, resolve_precision
+from basnet.engine import predict_probabilities
 from basnet.model import BASNet
 from basnet.transforms import (IMAGE_SUFFIXES, ImageDecodeError, decode_image, encode_png,
                                has_image_suffix, resize_image, resize_mask)
@@ -78,6 +79,11 @@ class InferConfig:
     image_size: int | None = option(None, "model input side, a multiple of 32 (default: the checkpoint's "
                                         "training size; 256 for published weights)")
     batch_size: int = option(8, "images per model call")
+    task_batch_size: int = option(32, "images per batch of the CPU decode and write tasks")
+    precision: str = option("auto", "auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU; "
+                                  "or fp32, bf16, fp16", choices=PRECISIONS)
+    channels_last: bool | None = option(None, "channels_last (NHWC) model and inputs (default: on GPUs)")
+    compile: bool = option(False, "torch.compile the model in each replica (slower start, faster batches)")
     actors: int | None = option(None, "model replicas (default: one per GPU, or one per node without GPUs)")
     num_gpus_per_actor: float | None = option(None, "GPUs per model replica (default 1 if the cluster "
                                                   "has GPUs, else 0)")
@@ -92,6 +98,7 @@ class InferConfig:
     root: str | None = option(None, "folder a manifest's paths are mirrored relative to (default: the "
                                   "manifest's folder if it holds them all, else their common folder)")
     address: str | None = option(None, "Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    verbose: bool = option(False, "show Ray's own INFO logs on the console")
 
     def check(self) -> None:
         """Raises ConfigError naming the first bad option."""
@@ -105,7 +112,8 @@ class InferConfig:
             raise ConfigError(f"--format {self.format!r} is not one of {', '.join(FORMATS)}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"--threshold must lie in [0, 1], got {self.threshold}")
-        positive = {"batch_size": self.batch_size, "actors": self.actors, "max_pixels": self.max_pixels,
+        positive = {"batch_size": self.batch_size, "task_batch_size": self.task_batch_size,
+                    "actors": self.actors, "max_pixels": self.max_pixels,
                     "task_cpus": self.task_cpus, "cpus_per_actor": self.cpus_per_actor}
         for key, value in positive.items():
             if value is not None and value <= 0:
@@ -563,20 +571,23 @@ class MaskPredictor:
 
     Args:
         state_dict: BASNet weights.
-        device: Where the model runs; on CUDA it runs channels_last under bf16 autocast (fp16
-            where bf16 is unsupported), on CPU in fp32.
+        device: Where the model runs.
+        precision: ``--precision`` (auto: bf16 on GPUs that support it, fp16 on older ones, fp32 on CPU).
+        channels_last: ``--channels-last`` (None: on GPUs).
+        compile: ``--compile``: torch.compile the model.
     """
 
-    def __init__(self, state_dict: dict[str, torch.Tensor], *, device: torch.device) -> None:
+    def __init__(self, state_dict: dict[str, torch.Tensor], *, device: torch.device, precision: str = "auto",
+                 channels_last: bool | None = None, compile: bool = False) -> None:
         self.device = device
-        self.precision = precision_for(device)
+        self.precision = resolve_precision(precision, device)
+        self.memory_format = memory_format(channels_last, device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every batch has the same input size
         with torch.device("meta"):  # no random init of 87 M parameters that are overwritten next
             model = BASNet()
         model.load_state_dict(state_dict, strict=True, assign=True)
-        model = model.to(device).eval()
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
+        self.model = compile_model(model.to(device).eval().to(memory_format=self.memory_format), compile)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {k: v for k, v in batch.items() if k != "image"}
@@ -588,7 +599,8 @@ class MaskPredictor:
         start = time.perf_counter()
         try:
             tensor = torch.from_numpy(np.ascontiguousarray(images[pending]))
-            prob = predict_probabilities(self.model, tensor, device=self.device, precision=self.precision)
+            prob = predict_probabilities(self.model, tensor, device=self.device, precision=self.precision,
+                                         memory_format=self.memory_format)
             out["prob"][pending] = prob.numpy()
         except Exception as exc:  # e.g. out of GPU memory: record the batch, keep the job going
             out["status"] = np.where(pending, FAILED, out["status"]).astype(object)

@@ -15,7 +15,7 @@ import ray.data
 
 from basnet import storage
 from basnet.data import Pair
-from basnet.transforms import ImageDecodeError, decode_image, decode_mask, random_crop_flip, resize_image, resize_mask
+from basnet.transforms import ImageDecodeError, decode_image, decode_mask, resize_image, resize_mask
 
 logger = logging.getLogger(__name__)
 
@@ -38,34 +38,33 @@ def _load_pair(image_uri: str, mask_uri: str, size: int) -> tuple[np.ndarray, np
     return resize_image(image, size), resize_mask(mask, size)
 
 
-def load_batch(batch: dict[str, np.ndarray], *, size: int, crop: int | None) -> dict[str, np.ndarray]:
-    """Decodes a batch of pairs; with ``crop`` set, applies the paper's random crop and flip."""
-    rng = np.random.default_rng()
+def load_batch(batch: dict[str, np.ndarray], *, size: int) -> dict[str, np.ndarray]:
+    """Decodes a batch of pairs and resizes them to ``size``; unreadable pairs are logged and left out."""
     images, masks = [], []
     for image_uri, mask_uri in zip(batch["image"], batch["mask"]):
         loaded = _load_pair(str(image_uri), str(mask_uri), size)
-        if loaded is None:
-            continue
-        image, mask = loaded
-        if crop:
-            image, mask = random_crop_flip(image, mask, crop, rng)
-        images.append(image)
-        masks.append(mask)
-    side = crop or size
+        if loaded is not None:
+            images.append(loaded[0])
+            masks.append(loaded[1])
     return {
-        "image": np.stack(images) if images else np.zeros((0, side, side, 3), np.uint8),
-        "mask": np.stack(masks) if masks else np.zeros((0, side, side), np.uint8),
+        "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
+        "mask": np.stack(masks) if masks else np.zeros((0, size, size), np.uint8),
     }
 
 
-def training_dataset(pairs: list[Pair], *, image_size: int, crop_size: int) -> ray.data.Dataset:
-    """Shuffled each epoch (the manifest rows, which are cheap), decoded, resized and augmented."""
-    ds = pairs_dataset(pairs).random_shuffle()
-    return ds.map_batches(load_batch, fn_kwargs={"size": image_size, "crop": crop_size},
-                          batch_size=8, batch_format="numpy")
+def training_dataset(pairs: list[Pair], *, image_size: int, seed: int) -> ray.data.Dataset:
+    """Decoded and resized to ``image_size``, in a seeded random block order.
+
+    The paper's random crop and flip happen in the training loop, with a generator seeded by the
+    run's seed and the epoch: each epoch sees new crops, and a run is reproducible. A block
+    order instead of a full ``random_shuffle`` keeps the epoch streaming (no all-to-all barrier
+    before its first batch); the loop's local shuffle buffer mixes rows across blocks.
+    """
+    return pairs_dataset(pairs).randomize_block_order(seed=seed).map_batches(
+        load_batch, fn_kwargs={"size": image_size}, batch_size=8, batch_format="numpy")
 
 
 def validation_dataset(pairs: list[Pair], *, image_size: int) -> ray.data.Dataset:
     """Resized to the training size, no augmentation."""
-    return pairs_dataset(pairs).map_batches(load_batch, fn_kwargs={"size": image_size, "crop": None},
-                                            batch_size=8, batch_format="numpy")
+    return pairs_dataset(pairs).map_batches(load_batch, fn_kwargs={"size": image_size}, batch_size=8,
+                                            batch_format="numpy")

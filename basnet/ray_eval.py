@@ -23,6 +23,7 @@ import ray
 import ray.data
 
 from basnet import storage
+from basnet.console import print_last
 from basnet.config import TrainConfig
 from basnet.data import Pair
 from basnet.eval_report import summary_text, write_report
@@ -93,7 +94,7 @@ def evaluate_folders_parallel(pred: str, gt: str, *, images: str | None = None,
 
 
 def _predict_masks(weights: str, images: list[str], *, pred_dir: str, image_size: int | None,
-                   batch_size: int) -> dict[str, str]:
+                   batch_size: int, precision: str) -> dict[str, str]:
     """Masks exactly ``images`` with the bulk-masking pipeline; returns image URI -> mask URI.
 
     Masks mirror the images' paths relative to their common folder; existing masks are
@@ -103,7 +104,7 @@ def _predict_masks(weights: str, images: list[str], *, pred_dir: str, image_size
     from basnet.ray_infer import run_inference
 
     cfg = InferConfig(output=pred_dir, weights=weights, root=common_dir(images), image_size=image_size,
-                      batch_size=batch_size, overwrite=True)
+                      batch_size=batch_size, precision=precision, overwrite=True)
     summary = run_inference(cfg, images=images)
     logger.info("masking: %s", summary.line())
     rows = read_run_manifest(summary).to_pylist()
@@ -135,7 +136,7 @@ def _match_masks(pairs: list[Pair], masks: dict[str, str], pred_dir: str) -> Mat
 
 
 def predict_and_evaluate(weights: str, pairs: list[Pair], *, out: str, dataset: str,
-                         image_size: int | None = None, batch_size: int = 8,
+                         image_size: int | None = None, batch_size: int = 8, precision: str = "auto",
                          blocks: int | None = None) -> Evaluation:
     """Masks the images of ``pairs`` with ``weights``, then scores the masks against ``pairs``' masks.
 
@@ -146,6 +147,7 @@ def predict_and_evaluate(weights: str, pairs: list[Pair], *, out: str, dataset: 
         dataset: How the data is named in the report.
         image_size: Side the model sees (default: the checkpoint's training size, else 256).
         batch_size: Images per inference batch.
+        precision: ``--precision`` of the masking (see ``basnet.device``).
         blocks: Scoring tasks (default from the cluster).
 
     Returns:
@@ -153,7 +155,7 @@ def predict_and_evaluate(weights: str, pairs: list[Pair], *, out: str, dataset: 
     """
     pred_dir = storage.join(out, "predictions")
     masks = _predict_masks(weights, [p.image for p in pairs], pred_dir=pred_dir, image_size=image_size,
-                           batch_size=batch_size)
+                           batch_size=batch_size, precision=precision)
     matching = _match_masks(pairs, masks, pred_dir)
     return evaluate_matching(matching, dataset=dataset, predictions=pred_dir, checkpoint=weights,
                              blocks=blocks)
@@ -176,13 +178,9 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig) -> Evaluation:
     out = cfg.eval_out or storage.join(cfg.storage, cfg.name, "eval")
     logger.info("evaluating %s on %d images of %s", checkpoint_uri, len(pairs), label)
     evaluation = predict_and_evaluate(checkpoint_uri, pairs, out=out, dataset=label,
-                                      image_size=cfg.image_size, batch_size=cfg.batch_size or 8)
+                                      image_size=cfg.image_size, batch_size=cfg.batch_size or 8,
+                                      precision=cfg.precision)
     write_report(evaluation, out)
-    _print_last(summary_text(evaluation, out))
+    print_last(summary_text(evaluation, out))  # after everything the logs and workers printed
     return evaluation
 
-
-def _print_last(text: str) -> None:
-    # Flush what the logs and Ray workers printed first, so the table is the last thing shown.
-    sys.stderr.flush()
-    print(text, flush=True)

@@ -86,7 +86,7 @@ def resolve_resources(cfg: InferConfig) -> InferConfig:
 class _PredictorActor:
     """The Ray actor around ``MaskPredictor``: gets the weights from the object store once."""
 
-    def __init__(self, weights: tuple, threads: int) -> None:
+    def __init__(self, weights: tuple, threads: int, options: dict) -> None:
         # The reference arrives inside a tuple so Ray does not resolve it before the actor needs it.
         state = ray.get(weights[0])
         use_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
@@ -96,7 +96,7 @@ class _PredictorActor:
             # more: an intra-op thread that loses its core stalls every op, and on 2 cores shared
             # with the decode and write tasks 2 threads ran several times slower than 1.
             torch.set_num_threads(threads)
-        self.predictor = MaskPredictor(state, device=device)
+        self.predictor = MaskPredictor(state, device=device, **options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.predictor(batch)
@@ -110,18 +110,19 @@ def _num_blocks(n: int, batch_size: int) -> int:
 def build_dataset(plan: InferPlan, cfg: InferConfig, weights_ref: ray.ObjectRef) -> ray.data.Dataset:
     """The three-stage pipeline over the plan's work items; yields manifest rows."""
     rows = [dataclasses.asdict(item) for item in plan.items]
-    task_args = {"num_cpus": cfg.task_cpus, "batch_format": "numpy", "batch_size": cfg.batch_size}
+    task_args = {"num_cpus": cfg.task_cpus, "batch_format": "numpy", "batch_size": cfg.task_batch_size}
     if cfg.resources("task_resources"):
         task_args["resources"] = cfg.resources("task_resources")
     actor_args = {"num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.num_gpus_per_actor}
     if cfg.resources("actor_resources"):
         actor_args["resources"] = cfg.resources("actor_resources")
-    ds = ray.data.from_items(rows, override_num_blocks=_num_blocks(len(rows), cfg.batch_size))
+    ds = ray.data.from_items(rows, override_num_blocks=_num_blocks(len(rows), cfg.task_batch_size))
     ds = ds.map_batches(decode_batch, fn_kwargs={
         "size": cfg.image_size, "max_pixels": cfg.max_pixels, "keep_bytes": cfg.format == "rgba",
-        "overwrite": cfg.overwrite, "batch_size": cfg.batch_size}, **task_args)
+        "overwrite": cfg.overwrite, "batch_size": cfg.task_batch_size}, **task_args)
+    options = {"precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile}
     ds = ds.map_batches(_PredictorActor, fn_constructor_kwargs={
-        "weights": (weights_ref,), "threads": max(1, int(cfg.cpus_per_actor))},
+        "weights": (weights_ref,), "threads": max(1, int(cfg.cpus_per_actor)), "options": options},
         compute=ray.data.ActorPoolStrategy(size=cfg.actors), batch_size=cfg.batch_size,
         batch_format="numpy", **actor_args)
     return ds.map_batches(write_batch, fn_kwargs={"fmt": cfg.format, "threshold": cfg.threshold}, **task_args)

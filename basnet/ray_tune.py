@@ -75,9 +75,10 @@ SAMPLE_SPACE: dict[str, Any] = {
 _SET_PER_TRIAL = {"name": "each trial's run is named after its trial id",
                   "storage": "trials write under <storage>/<name>/runs"}
 _SET_BY_BUDGET = {"num_workers": "--workers-per-trial", "min_workers": "--workers-per-trial",
-                  "cpus_per_worker": "--cpus-per-worker", "gpu": "--gpus-per-worker"}
+                  "cpus_per_worker": "--cpus-per-worker", "gpu": "--gpus-per-worker",
+                  "gpus_per_worker": "--gpus-per-worker"}
 # Training options that mean nothing for a search (budgets replace them; evaluation is separate).
-_NOT_SEARCH_OPTIONS = ("num_workers", "min_workers", "gpu", "eval_data", "eval_out")
+_NOT_SEARCH_OPTIONS = ("num_workers", "min_workers", "gpu", "gpus_per_worker", "eval_data", "eval_out")
 _MULTIPLES_OF_32 = ("image_size", "crop_size")
 _METRIC = "val_mae"
 
@@ -96,7 +97,8 @@ class SearchConfig:
     num_samples: int = _opt(8, "trials to run (each grid point counts once per sample)")
     max_concurrent_trials: int | None = _opt(None, "trials at a time (default: as many as the cluster fits)")
     workers_per_trial: int = _opt(1, "training workers per trial")
-    gpus_per_worker: float | None = _opt(None, "0 (train on CPU) or 1 (default: 1 if the cluster has GPUs)")
+    gpus_per_worker: float | None = _opt(None, "0 (train on CPU), 1, or a fraction to share a GPU between "
+                                               "trials (default: 1 if the cluster has GPUs)")
     data_cpus_per_trial: float = _opt(1.0, "CPUs left free per trial for Ray Data's decoding")
     scheduler: str = _opt("asha", "asha (stop poor trials early on val MAE) or fifo (run every trial "
                                   "to the end)", choices=("asha", "fifo"))
@@ -110,8 +112,9 @@ class SearchConfig:
         for key, value in positive.items():
             if value is not None and value <= 0:
                 raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {value}")
-        if self.gpus_per_worker not in (None, 0, 1):
-            raise ConfigError(f"--gpus-per-worker must be 0 (CPU) or 1, got {self.gpus_per_worker:g}")
+        if self.gpus_per_worker is not None and not 0 <= self.gpus_per_worker <= 1:
+            raise ConfigError(f"--gpus-per-worker must be 0 (CPU), 1 or a fraction between, got "
+                              f"{self.gpus_per_worker:g}")
         if self.data_cpus_per_trial < 0:
             raise ConfigError("--data-cpus-per-trial must be 0 or more")
 
@@ -369,9 +372,10 @@ def size_trials(base: TrainConfig, search: SearchConfig) -> tuple[TrainConfig, i
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
     gpu = bool(gpus > 0 if search.gpus_per_worker is None else search.gpus_per_worker)
+    gpw = 1.0 if search.gpus_per_worker is None or not gpu else float(search.gpus_per_worker)
     workers, data_cpus = search.workers_per_trial, search.data_cpus_per_trial
-    if gpu and gpus < workers:
-        raise UsageError(f"a trial needs {workers} GPU(s) but the cluster has {gpus:g}: lower "
+    if gpu and gpus < workers * gpw:
+        raise UsageError(f"a trial needs {workers * gpw:g} GPU(s) but the cluster has {gpus:g}: lower "
                          "--workers-per-trial or pass --gpus-per-worker 0")
     cpw = base.cpus_per_worker
     if cpw is None:  # 1 CPU per worker, or what is left once Ray Data has its share
@@ -383,12 +387,13 @@ def size_trials(base: TrainConfig, search: SearchConfig) -> tuple[TrainConfig, i
                          "or --data-cpus-per-trial")
     fits = int(cpus // need)
     if gpu:
-        fits = min(fits, int(gpus // workers))
+        fits = min(fits, int(gpus / (workers * gpw) + 1e-9))
     concurrent = search.max_concurrent_trials or max(1, fits)
     if concurrent > fits:
         logger.warning("--max-concurrent-trials %d but the cluster fits %d trial(s): the others wait, "
                        "and Ray Data may starve", concurrent, fits)
-    sized = dataclasses.replace(base, num_workers=workers, min_workers=None, cpus_per_worker=cpw, gpu=gpu)
+    sized = dataclasses.replace(base, num_workers=workers, min_workers=None, cpus_per_worker=cpw, gpu=gpu,
+                                gpus_per_worker=gpw)
     logger.info("each trial: %d worker(s) x %g CPU%s + %g CPU for Ray Data; %d trial(s) at a time",
                 workers, cpw, " + 1 GPU" if gpu else "", data_cpus, concurrent)
     return sized, concurrent
@@ -591,7 +596,8 @@ def best_train_config(base: TrainConfig, sampled: dict, *, name: str) -> dict:
     """The best trial's training config for ``jobs/train.py --config``: its values, a new run
     name in the search's storage, and resources left for the training job to size."""
     cfg = trial_config(base, sampled, name=name, storage_uri=base.storage)
-    return {**cfg.to_dict(), "num_workers": None, "min_workers": None, "cpus_per_worker": None, "gpu": None}
+    return {**cfg.to_dict(), "num_workers": None, "min_workers": None, "cpus_per_worker": None, "gpu": None,
+            "gpus_per_worker": 1.0}
 
 
 def write_outputs(outcome: SearchOutcome, base: TrainConfig, best_sampled: dict | None) -> None:

@@ -236,6 +236,16 @@ def random_crop_flip(
     return np.ascontiguousarray(image), np.ascontiguousarray(mask)
 
 
+def random_crop_flip_batch(batch: dict[str, np.ndarray], crop: Size, rng: np.random.Generator
+                           ) -> dict[str, np.ndarray]:
+    """:func:`random_crop_flip` for every image/mask pair of a batch (``image`` NHWC, ``mask`` NHW)."""
+    pairs = [random_crop_flip(image, mask, crop, rng) for image, mask in zip(batch["image"], batch["mask"])]
+    if not pairs:
+        height, width = _hw(crop)
+        return {"image": np.zeros((0, height, width, 3), np.uint8), "mask": np.zeros((0, height, width), np.uint8)}
+    return {"image": np.stack([p[0] for p in pairs]), "mask": np.stack([p[1] for p in pairs])}
+
+
 def _as_uint8_tensor(batch: ArrayOrTensor) -> torch.Tensor:
     if isinstance(batch, torch.Tensor):
         tensor = batch
@@ -249,7 +259,8 @@ def _as_uint8_tensor(batch: ArrayOrTensor) -> torch.Tensor:
     return tensor
 
 
-def to_model_input(batch: ArrayOrTensor) -> torch.Tensor:
+def to_model_input(batch: ArrayOrTensor, *, memory_format: torch.memory_format = torch.contiguous_format
+                   ) -> torch.Tensor:
     """Turn a uint8 NHWC batch into the model's float32 NCHW input.
 
     Scales to [0, 1], then normalises with the ImageNet mean and std (the ResNet-34 encoder was
@@ -257,6 +268,8 @@ def to_model_input(batch: ArrayOrTensor) -> torch.Tensor:
 
     Args:
         batch: ``uint8`` (N, H, W, 3) numpy array or torch tensor.
+        memory_format: Layout of the result: ``torch.channels_last`` for a channels_last model
+            (NHWC input permuted is that layout already, so it costs no copy).
 
     Returns:
         ``float32`` tensor (N, 3, H, W).
@@ -267,7 +280,7 @@ def to_model_input(batch: ArrayOrTensor) -> torch.Tensor:
     x = tensor.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
+    return ((x - mean) / std).contiguous(memory_format=memory_format)
 
 
 def mask_to_target(batch: ArrayOrTensor) -> torch.Tensor:

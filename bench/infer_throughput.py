@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from basnet import storage  # noqa: E402
 from basnet.checkpoint import load_model  # noqa: E402
-from basnet.engine import precision_for, predict_probabilities  # noqa: E402
+from basnet.device import resolve_precision  # noqa: E402
+from basnet.engine import predict_probabilities  # noqa: E402
 from basnet.infer import InferConfig, to_grey  # noqa: E402
 from basnet.model import BASNet  # noqa: E402
 from basnet.transforms import decode_image, encode_png, resize_image, resize_mask  # noqa: E402
@@ -63,7 +64,7 @@ def plain_loop(paths: list[str], out: str, weights: str, image_size: int) -> flo
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(weights, map_location=device)
-    precision = precision_for(device)
+    precision = resolve_precision("auto", device)
     for path in paths:
         image = decode_image(storage.read_bytes(path))
         batch = torch.from_numpy(resize_image(image, image_size)[None])

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from basnet.cli import init_ray, main_guard, setup_logging  # noqa: E402
 from basnet.config import parse_config  # noqa: E402
+from basnet.console import print_last  # noqa: E402
 from basnet.evaluation import EvalConfig, plan_weights, prepare_folders  # noqa: E402
 
 
@@ -26,13 +27,13 @@ from basnet.evaluation import EvalConfig, plan_weights, prepare_folders  # noqa:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(EvalConfig, argv, __doc__.splitlines()[0])
     mode = cfg.mode()
-    setup_logging()
+    setup_logging(cfg.verbose)
     # Resolve every path before starting Ray, so a wrong argument fails in one line and at once.
     if mode == "pred":
         matching = prepare_folders(cfg.pred, cfg.gt, images=cfg.images)
     else:
         plan = plan_weights(cfg.weights, cfg.data, image_size=cfg.image_size, skip_unpaired=cfg.skip_unpaired)
-    init_ray()
+    init_ray(verbose=cfg.verbose)
     from basnet import ray_eval
     from basnet.eval_report import summary_text, write_report
 
@@ -42,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         evaluation = ray_eval.predict_and_evaluate(plan.weights, plan.pairs, out=cfg.out,
                                                    dataset=plan.dataset, image_size=plan.image_size,
-                                                   batch_size=cfg.batch_size, blocks=cfg.blocks)
+                                                   batch_size=cfg.batch_size, precision=cfg.precision,
+                                                   blocks=cfg.blocks)
     write_report(evaluation, cfg.out, sheet_rows=cfg.sheet_rows)
-    sys.stderr.flush()
-    print(summary_text(evaluation, cfg.out), flush=True)  # the table is the last thing printed
+    print_last(summary_text(evaluation, cfg.out))
     return 0
 
 

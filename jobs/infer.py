@@ -25,10 +25,10 @@ from basnet.infer import InferConfig, plan_inference  # noqa: E402
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(InferConfig, argv, __doc__.splitlines()[0])
-    setup_logging()
+    setup_logging(cfg.verbose)
     plan = plan_inference(cfg)  # every argument error surfaces here, before Ray starts
     if plan.items:  # a re-run of a finished job settles everything on the driver
-        init_ray(plan.config.address)
+        init_ray(plan.config.address, verbose=cfg.verbose)
     from basnet.ray_infer import execute
 
     summary = execute(plan)

@@ -21,16 +21,22 @@ from basnet.config import TrainConfig, parse_config  # noqa: E402
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(TrainConfig, argv, __doc__.splitlines()[0]).resolved()
-    setup_logging()
+    setup_logging(cfg.verbose)
+    # Every user error fails here, in one line and before Ray starts, not inside the workers.
+    from basnet.model import check_backbone_weights
+    from basnet.ray_train import resolve_data
+
+    split = resolve_data(cfg)
+    check_backbone_weights(cfg.backbone_weights)
     if cfg.eval_data:  # a wrong --eval-data fails now, not after hours of training
         from basnet.evaluation import resolve_eval_data
 
         resolve_eval_data(cfg.eval_data, skip_unpaired=cfg.skip_unpaired, val_fraction=cfg.val_fraction,
                           seed=cfg.seed)
-    init_ray()
+    init_ray(verbose=cfg.verbose)
     from basnet.ray_train import fit
 
-    outcome = fit(cfg)
+    outcome = fit(cfg, split=split)
     if outcome.best_checkpoint is None:
         print("error: training produced no checkpoint", file=sys.stderr)
         return 1

@@ -22,14 +22,14 @@ from basnet.cli import init_ray, main_guard, setup_logging  # noqa: E402
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
+    setup_logging(verbose="--verbose" in (sys.argv[1:] if argv is None else argv))  # before Ray is imported
     from basnet.ray_tune import check_search_alg, parse_search_args, run_search, search_space
 
     base, search, fixed = parse_search_args(argv, __doc__.splitlines()[0])
-    setup_logging()
     # Every mistake in the options or the space is refused here, before Ray or any trial starts.
     dims = search_space(search, base, fixed)
     check_search_alg(search, dims)
-    init_ray()
+    init_ray(verbose=base.verbose)
     outcome = run_search(base, search, dims)
     if outcome.best is None:
         print("error: no trial produced a checkpoint (see the trials table above)", file=sys.stderr)

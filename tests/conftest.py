@@ -36,6 +36,28 @@ os.environ.update({
 os.environ.pop("RAY_ADDRESS", None)  # never join a cluster the developer happens to run
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run where CUDA is present and are skipped, with the reason, elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def load_job(name: str):
+    """``jobs/<name>.py`` as a module, so a test can call its ``main`` in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"jobs_{name}", REPO / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto in server mode on loopback; yields the endpoint URL."""

@@ -237,7 +237,7 @@ def test_killed_run_resumes_writing_only_the_missing_masks(ray_session, weights,
     write_many(str(tmp_path / "in"), n)
     out = str(tmp_path / "out")
     args = ["--input", str(tmp_path / "in"), "--output", out, "--weights", weights,
-            "--image-size", str(SIZE), "--batch-size", "4", "--actors", "1"]
+            "--image-size", str(SIZE), "--batch-size", "4", "--task-batch-size", "4", "--actors", "1"]
     with open(tmp_path / "job.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "jobs/infer.py", *args], cwd=REPO, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)

@@ -239,3 +239,27 @@ def test_summary_line_adds_up_and_reports_throughput():
     summary = InferSummary(written=7, skipped=2, failed=1, seconds=4.0, output="o", manifest=[], config="c", run_id="r")
     assert summary.total == 10
     assert summary.line() == "written 7, skipped 2, failed 1 of 10 in 4.0 s (2.00 images/s)"
+
+
+def test_infer_help_documents_the_gpu_options():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "jobs/infer.py", "--help"], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for flag in ("--precision", "--channels-last", "--compile", "--batch-size", "--task-batch-size", "--verbose"):
+        assert flag in proc.stdout
+    with pytest.raises(ConfigError, match="--task-batch-size must be positive"):
+        InferConfig(input="x", output="y", weights="w", task_batch_size=0).check()
+
+
+def test_predictor_runs_bf16_and_channels_last_on_cpu_within_one_grey_level_of_fp32():
+    torch.manual_seed(0)
+    state = BASNet().eval().state_dict()
+    images = np.stack([resize_image(picture(40, 48, seed=i), 32) for i in range(3)])
+    batch = {"image": images, "status": strings(*["pending"] * 3), "error": strings("", "", ""),
+             "seconds": np.zeros(3)}
+    reference = MaskPredictor(state, device=torch.device("cpu"))(batch)["prob"]
+    for options in ({"precision": "bf16"}, {"channels_last": True}):
+        prob = MaskPredictor(state, device=torch.device("cpu"), **options)(batch)["prob"]
+        assert np.abs(np.rint(prob * 255) - np.rint(reference * 255)).mean() < 1.0, options

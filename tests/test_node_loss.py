@@ -164,7 +164,8 @@ def _start_masking(cluster: LocalCluster, images: Path, out: Path, weights: Path
                    log) -> subprocess.Popen:
     """``jobs/infer.py`` joined to the cluster; each model replica needs one ``masker``."""
     cmd = [sys.executable, "jobs/infer.py", "--input", str(images), "--output", str(out),
-           "--weights", str(weights), "--image-size", "32", "--batch-size", "2", "--actors", str(actors),
+           "--weights", str(weights), "--image-size", "32", "--batch-size", "2", "--task-batch-size", "2",
+           "--actors", str(actors),
            "--cpus-per-actor", "1", "--actor-resources", '{"masker": 1}']
     return subprocess.Popen(cmd, cwd=REPO, env=dict(cluster.env, RAY_ADDRESS=cluster.address),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
