@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-from pathlib import PurePath
 from typing import Any
 
 import torch
 import yaml
 
 from basnet import storage
-from basnet.errors import UserError
+from basnet.config import plain
+from basnet.errors import UserError, first_line
 from basnet.model import BASNet
 
 logger = logging.getLogger(__name__)
@@ -62,7 +61,7 @@ def save_checkpoint(
     Returns:
         ``directory``.
     """
-    config, metrics = _plain(config), _plain(metrics)
+    config, metrics = plain(config), plain(metrics)
     payload = {
         "format": FORMAT,
         "model": {k: v.detach().cpu() for k, v in strip_prefixes(model_state).items()},
@@ -224,18 +223,13 @@ def _torch_load(uri: str, map_location: Any) -> Any:
     except (FileNotFoundError, IsADirectoryError):
         raise CheckpointError(f"checkpoint not found: {uri} ({hint})") from None
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read checkpoint {uri}: {_first_line(error)}") from None
+        raise CheckpointError(f"cannot read checkpoint {uri}: {first_line(error)}") from None
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as error:  # torch.load raises several types for non-torch bytes
         raise CheckpointError(
-            f"{uri} is not a readable torch file ({hint}): {_first_line(error)}"
+            f"{uri} is not a readable torch file ({hint}): {first_line(error)}"
         ) from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _to_cpu(value: Any) -> Any:
@@ -246,17 +240,4 @@ def _to_cpu(value: Any) -> Any:
         return {k: _to_cpu(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_to_cpu(v) for v in value)
-    return value
-
-
-def _plain(value: Any) -> Any:
-    """Convert numpy scalars, tuples and paths to builtins that YAML and ``weights_only`` accept."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, PurePath):
-        return os.fspath(value)
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
-        return value.item()  # numpy / torch scalar
     return value

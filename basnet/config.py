@@ -1,7 +1,11 @@
-"""One config dataclass per concern, a YAML file as argparse defaults, flags override the file.
+"""Config machinery shared by every job: dataclass fields that build their own flags and checks,
+a YAML file as argparse defaults (flags override the file), and plain values for YAML.
 
-The dataclasses are plain data: jobs turn them into dicts only at the Ray boundary, and the
-resolved config is saved beside every checkpoint and every batch-inference output.
+Each feature declares its own dataclass (``basnet.train.config.TrainConfig``,
+``basnet.infer.config.InferConfig``, ...) with :func:`option` fields; the checks an option
+needs (positive, a multiple of 32, a range) are declared on the field once and run by
+:func:`check_options`. The dataclasses are plain data: jobs turn them into dicts only at the Ray
+boundary, and the resolved config is saved beside every checkpoint and every output.
 """
 
 from __future__ import annotations
@@ -11,133 +15,106 @@ import dataclasses
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
+from pathlib import PurePath
 from typing import Any, TypeVar
 
 import yaml
 
 from basnet.errors import ConfigError
 
-__all__ = ["ConfigError", "option", "TrainConfig", "build_parser", "parse_config", "load_yaml", "SAMPLE_DEFAULTS"]
+__all__ = ["PRECISIONS", "option", "option_type", "check_options", "add_options", "build_parser", "parse_config", "load_yaml",
+           "from_dict", "plain", "default_crop"]
 
 T = TypeVar("T")
 
-
-def option(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field whose ``help`` (and argparse extras such as ``choices``) build its flag."""
-    return field(default=default, metadata={"help": help, **extra})
-
-
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # --precision of every job; basnet.device says what each means
-
-# What an option left unset means when training on the embedded sample (``--data`` not given):
-# small enough to finish on 2 CPU cores in a few minutes.
-SAMPLE_DEFAULTS = {"image_size": 64, "epochs": 3, "batch_size": 8,
-                   "backbone_weights": "none"}
-DATA_DEFAULTS = {"image_size": 256, "epochs": 100, "batch_size": 8, "backbone_weights": "imagenet"}
+_PARSER_KEYS = ("choices", "metavar")
 
 
-@dataclass
-class TrainConfig:
-    """Everything the training job needs; ``None`` means "resolved from the data"."""
+def option(default: Any, help: str, *, positive: bool = False, at_least: float | None = None,
+           between: tuple[float, float] | None = None, within: tuple[float, float] | None = None,
+           multiple_of: int | None = None, at_least_means: str = "", **extra: Any) -> Any:
+    """A dataclass field whose ``help`` (and argparse extras such as ``choices``) build its flag.
 
-    data: str | None = option(None, "DUTS-layout root (local, file:// or s3://); default: the embedded sample")
-    storage: str | None = option(None, "where checkpoints go (local or s3://; shared storage on several "
-                                     "nodes); default: $BASNET_STORAGE or ./runs")
-    name: str = option("basnet", "run name; re-running with the same name resumes from its last checkpoint")
-    epochs: int | None = option(None, "training epochs (default 100; 3 on the sample)")
-    batch_size: int | None = option(None, "global batch size, split across workers (default 8)")
-    image_size: int | None = option(None, "resize side before cropping, a multiple of 32 (default 256; 64 on the sample)")
-    crop_size: int | None = option(None, "random-crop side, a multiple of 32 (default 7/8 of --image-size)")
-    lr: float = option(1e-3, "Adam learning rate (the paper's 1e-3)")
-    weight_decay: float = option(0.0, "Adam weight decay")
-    bce_weight: float = option(1.0, "weight of the BCE term of the hybrid loss")
-    ssim_weight: float = option(1.0, "weight of the (1 - SSIM) term")
-    iou_weight: float = option(1.0, "weight of the IoU term")
-    num_workers: int | None = option(None, "training workers (default: one per GPU, or 1 on CPU)")
-    min_workers: int | None = option(None, "elastic training: go on with as few as this many workers "
-                                         "when nodes are lost (default: --num-workers, not elastic)")
-    cpus_per_worker: float | None = option(None, "CPUs per training worker (default 1 with GPU; on CPU "
-                                               "what leaves one CPU for Ray Data)")
-    gpu: bool | None = option(None, "train on GPUs (default: if the cluster has any)")
-    gpus_per_worker: float = option(1.0, "GPUs per training worker; a fraction shares a GPU between "
-                                         "workers (they then talk over gloo, since NCCL refuses two ranks "
-                                         "on one GPU)")
-    precision: str = option("auto", "auto: bf16 autocast on GPUs that support it, fp16 with loss scaling "
-                                  "on older GPUs, fp32 on CPU; or fp32, bf16, fp16", choices=PRECISIONS)
-    channels_last: bool | None = option(None, "channels_last (NHWC) model and inputs (default: on GPUs)")
-    compile: bool = option(False, "torch.compile the model (slower first steps, faster after)")
-    sync_bn: str = option("auto", "synchronise BatchNorm statistics across workers; auto: with several "
-                                "GPU workers of fewer than 8 images each", choices=("auto", "on", "off"))
-    log_every: int = option(50, "rank 0 prints the loss, images/s and ETA every this many steps (0: never)")
-    verbose: bool = option(False, "show Ray's own INFO logs on the console")
-    backbone_weights: str | None = option(None, "encoder init: imagenet, none or a torchvision resnet34 "
-                                              "state-dict PATH (default imagenet; none on the sample)")
-    max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails")
-    skip_unpaired: bool = option(False, "skip images without a mask (and masks without an image) instead of failing")
-    val_fraction: float = option(0.1, "held-out share for validation when the data has no DUTS-TE")
-    eval_data: str | None = option(None, "after training, evaluate the best checkpoint on this data "
-                                       "(a DUTS-layout root, or 'sample')")
-    eval_out: str | None = option(None, "where the evaluation writes (default: <storage>/<name>/eval)")
-    seed: int = option(0, "seed for the model init and the held-out split")
-
-    def resolved(self) -> "TrainConfig":
-        """Fills the ``None`` defaults from the data (sample or real) and checks the values."""
-        cfg = dataclasses.replace(self)
-        defaults = SAMPLE_DEFAULTS if cfg.data is None else DATA_DEFAULTS
-        for key, value in defaults.items():
-            if getattr(cfg, key) is None:
-                setattr(cfg, key, value)
-        if cfg.storage is None:
-            cfg.storage = os.environ.get("BASNET_STORAGE") or os.path.abspath("runs")
-        if cfg.crop_size is None:
-            cfg.crop_size = max(32, round(cfg.image_size * 7 / 8 / 32) * 32)
-        cfg.check()
-        return cfg
-
-    def check(self) -> None:
-        for key in ("image_size", "crop_size"):
-            value = getattr(self, key)
-            if value is not None and (value < 32 or value % 32):
-                raise ConfigError(f"--{key.replace('_', '-')} {value} is not a multiple of 32 (>= 32): "
-                                  "BASNet downsamples by 32")
-        if self.crop_size and self.image_size and self.crop_size > self.image_size:
-            raise ConfigError(f"--crop-size {self.crop_size} is larger than --image-size {self.image_size}")
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
-                    "num_workers": self.num_workers, "min_workers": self.min_workers}
-        for key, value in positive.items():
-            if value is not None and value <= 0:
-                raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {value}")
-        if self.min_workers and self.num_workers and self.min_workers > self.num_workers:
-            raise ConfigError("--min-workers is larger than --num-workers")
-        self.check_batch_split()
-        if not 0 < self.gpus_per_worker <= 1 and not (self.gpus_per_worker > 1 and self.gpus_per_worker.is_integer()):
-            raise ConfigError(f"--gpus-per-worker must be a fraction in (0, 1] or a whole number, got {self.gpus_per_worker}")
-        if self.log_every < 0:
-            raise ConfigError(f"--log-every must be 0 (never) or more, got {self.log_every}")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
-        if self.max_failures < -1:
-            raise ConfigError("--max-failures must be -1 (unlimited) or more")
-
-    def check_batch_split(self) -> None:
-        """The global batch must split equally: a remainder would silently change it."""
-        if self.batch_size and self.num_workers and self.batch_size % self.num_workers:
-            lower = self.batch_size // self.num_workers * self.num_workers
-            fix = f"--batch-size {lower or self.num_workers} or {lower + self.num_workers}"
-            raise ConfigError(f"--batch-size {self.batch_size} does not split equally across "
-                              f"{self.num_workers} workers: use {fix}, or another --num-workers")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    Args:
+        default: The field's default.
+        help: The flag's help text.
+        positive: The value must be above 0.
+        at_least: The value must be at least this (``at_least_means`` names what the bound means,
+            e.g. ``"(never)"`` for a 0 that switches something off).
+        between: ``(low, high)``: the value must lie strictly between them.
+        within: ``(low, high)``: the value must lie in the closed interval.
+        multiple_of: The value must be a positive multiple of this (BASNet's sides: 32).
+        **extra: Passed to argparse (``choices``, ``metavar``).
+    """
+    checks = {"positive": positive, "at_least": at_least, "between": between, "within": within,
+              "multiple_of": multiple_of, "at_least_means": at_least_means}
+    return field(default=default, metadata={"help": help, **extra, **{k: v for k, v in checks.items() if v}})
 
 
-def _field_type(cls: type, f: dataclasses.Field) -> type:
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_value(name: str, value: Any, meta: typing.Mapping) -> None:
+    flag = _flag(name)
+    step = meta.get("multiple_of")
+    if step and (value < step or value % step):
+        raise ConfigError(f"{flag} {value} is not a multiple of {step} (>= {step}): BASNet downsamples by {step}")
+    if meta.get("positive") and value <= 0:
+        raise ConfigError(f"{flag} must be positive, got {value}")
+    low = meta.get("at_least")
+    if low is not None and value < low:
+        means = f" {meta['at_least_means']}" if meta.get("at_least_means") else ""
+        raise ConfigError(f"{flag} must be {low:g}{means} or more, got {value}")
+    bounds = meta.get("between")
+    if bounds and not bounds[0] < value < bounds[1]:
+        raise ConfigError(f"{flag} must be between {bounds[0]:g} and {bounds[1]:g}, got {value}")
+    closed = meta.get("within")
+    if closed and not closed[0] <= value <= closed[1]:
+        raise ConfigError(f"{flag} must lie in [{closed[0]:g}, {closed[1]:g}], got {value}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{flag} {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+
+
+def check_options(cfg: Any) -> None:
+    """Runs the checks every field of the dataclass ``cfg`` declares; ``None`` means "not set".
+
+    Raises:
+        ConfigError: One line naming the first bad option.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is not None:
+            _check_value(f.name, value, f.metadata)
+
+
+def option_type(cls: type, f: dataclasses.Field) -> type:
+    """A field's type with ``Optional`` removed (``int | None`` -> ``int``)."""
     hint = typing.get_type_hints(cls)[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
         return args[0]
     return hint
+
+
+def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
+                suppress: bool = False, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per field of ``cls`` (``--x/--no-x`` for booleans); ``suppress`` leaves
+    flags that are not given out of the parsed namespace."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = option_type(cls, f)
+        default = argparse.SUPPRESS if suppress else f.default
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=default, help=help_text)
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=default, help=help_text,
+                                **{k: v for k, v in f.metadata.items() if k in _PARSER_KEYS})
 
 
 def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
@@ -146,16 +123,7 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml", default=None,
                         help="YAML file of options (keys as the flags, with _); flags override it")
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _field_type(cls, f)
-        help_text = f.metadata.get("help", "")
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=f.default, help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text,
-                                **{k: v for k, v in f.metadata.items() if k in ("choices", "metavar")})
+    add_options(parser, cls)
     return parser
 
 
@@ -194,3 +162,21 @@ def parse_config(cls: type[T], argv: list[str] | None, description: str) -> T:
     args = vars(parser.parse_args(argv))
     args.pop("config")
     return cls(**args)
+
+
+def plain(value: Any) -> Any:
+    """Numpy and torch scalars, tuples and paths as the builtins YAML, Arrow and ``weights_only`` take."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, PurePath):
+        return os.fspath(value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return value
+
+
+def default_crop(image_size: int) -> int:
+    """The random-crop side for an image side: 7/8 of it, rounded to a multiple of 32 (256 -> 224)."""
+    return max(32, round(image_size * 7 / 8 / 32) * 32)

@@ -26,12 +26,13 @@ Lines that Ray forwards from workers and actors are dropped by Ray's own log ded
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import re
 import sys
 import threading
 
-__all__ = ["RAY_NOISE", "quiet_ray_console", "print_last"]
+__all__ = ["RAY_NOISE", "setup_logging", "quiet_ray_console", "print_last"]
 
 RAY_NOISE = re.compile("|".join((
     r"has constructor arguments in the object store and max_restarts > 0",
@@ -46,6 +47,16 @@ _DRAIN = b"\x00basnet-console-drain\n"
 _drained = threading.Event()
 _installed = False
 _pump: threading.Thread | None = None
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """A job's logging; unless ``verbose``, Ray's internal chatter stays off the console.
+    Call it before Ray is imported."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Ray Data's per-operator progress bars flood job logs; the jobs print their own summaries.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    if not verbose:
+        quiet_ray_console()
 
 
 def quiet_ray_console() -> None:

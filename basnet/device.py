@@ -1,4 +1,5 @@
-"""How the model runs on its device: precision, memory format, host-to-device copies, compilation.
+"""How the model runs on its device: its input tensors, precision, memory format, host-to-device
+copies, compilation.
 
 One set of rules for training, bulk masking and evaluation, so ``--precision``,
 ``--channels-last`` and ``--compile`` mean the same thing in every job:
@@ -18,16 +19,18 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from basnet.config import PRECISIONS
 from basnet.errors import ConfigError
+from basnet.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PRECISIONS", "Precision", "FP32", "resolve_precision", "grad_scaler", "memory_format",
-           "to_device", "compile_model"]
+           "to_device", "compile_model", "to_model_input", "mask_to_target"]
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -103,3 +106,55 @@ def compile_model(model: nn.Module, enabled: bool) -> nn.Module:
         return model
     logger.info("compiling the model with torch.compile (the first batches take longer)")
     return torch.compile(model)
+
+
+def _as_uint8_tensor(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        tensor = batch
+    else:
+        array = np.asarray(batch)
+        if not array.flags.writeable:  # Ray hands out read-only buffers; torch warns on those
+            array = array.copy()
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if tensor.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 values 0..255, got {tensor.dtype}")
+    return tensor
+
+
+def to_model_input(batch: np.ndarray | torch.Tensor, *, memory_format: torch.memory_format = torch.contiguous_format
+                   ) -> torch.Tensor:
+    """Turn a uint8 NHWC batch into the model's float32 NCHW input.
+
+    Scales to [0, 1], then normalises with the ImageNet mean and std (the ResNet-34 encoder was
+    pretrained that way). Tensors stay on their device.
+
+    Args:
+        batch: ``uint8`` (N, H, W, 3) numpy array or torch tensor.
+        memory_format: Layout of the result: ``torch.channels_last`` for a channels_last model
+            (NHWC input permuted is that layout already, so it costs no copy).
+
+    Returns:
+        ``float32`` tensor (N, 3, H, W).
+    """
+    tensor = _as_uint8_tensor(batch)
+    if tensor.ndim != 4 or tensor.shape[-1] != 3:
+        raise ValueError(f"expected (N, H, W, 3), got {tuple(tensor.shape)}")
+    x = tensor.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=memory_format)
+
+
+def mask_to_target(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Turn a uint8 NHW mask batch into a float32 (N, 1, H, W) target in [0, 1].
+
+    Args:
+        batch: ``uint8`` (N, H, W) numpy array or torch tensor.
+
+    Returns:
+        ``float32`` tensor (N, 1, H, W) on the input's device.
+    """
+    tensor = _as_uint8_tensor(batch)
+    if tensor.ndim != 3:
+        raise ValueError(f"expected (N, H, W), got {tuple(tensor.shape)}")
+    return tensor.unsqueeze(1).to(torch.float32).div_(255.0)

@@ -1,8 +1,16 @@
-"""The errors a user can fix. Every job turns a ``UserError`` into one ``error:`` line and exit status 2."""
+"""The errors a user can fix, and how a job reports them: one ``error:`` line, exit status 2.
+
+Every user-facing error derives from ``UserError`` (a ``ValueError``), so ``main_guard`` catches
+that base alone: a missing file, a bad option, unpaired data, a foreign checkpoint or backbone.
+"""
 
 from __future__ import annotations
 
-__all__ = ["UserError", "ConfigError"]
+import functools
+import sys
+from typing import Callable
+
+__all__ = ["UserError", "ConfigError", "UsageError", "first_line", "main_guard"]
 
 
 class UserError(ValueError):
@@ -11,3 +19,27 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A bad option or config file."""
+
+
+class UsageError(UserError):
+    """Inputs or a cluster that do not fit what the job was asked to do."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def main_guard(fn: Callable[..., int | None]) -> Callable[..., int]:
+    """Runs a job's main; a ``UserError`` becomes one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return fn(*args, **kwargs) or 0
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return wrapper

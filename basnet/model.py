@@ -20,16 +20,13 @@ from torch import nn
 from torchvision.models import ResNet34_Weights, resnet34
 from torchvision.models.resnet import BasicBlock
 
-from basnet.errors import UserError
+from basnet.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
 
 class BackboneWeightsError(UserError):
     """Backbone weights that cannot be had: a missing or foreign file, or no way to download them."""
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # Decoder stages, deepest first: (name, in, mid, out channels, dilation of `_m` and `_2`).
 # Only stage 6d, which runs at the bridge's 1/32 scale, keeps the bridge's dilation.
@@ -109,8 +106,8 @@ class RefUnet(nn.Module):
 class BASNet(nn.Module):
     """BASNet predict module (ResNet-34 encoder, bridge, decoder) plus RefUnet.
 
-    Input: RGB scaled to [0, 1] then normalised with ``IMAGENET_MEAN`` and
-    ``IMAGENET_STD``, shape (N, 3, H, W) with H and W multiples of 32.
+    Input: RGB scaled to [0, 1] then normalised with ImageNet's mean and std
+    (``basnet.device.to_model_input``), shape (N, 3, H, W) with H and W multiples of 32.
     Output: a tuple of 8 logit maps (N, 1, H, W): refined, d1, d2, d3, d4, d5,
     d6, bridge. 87,060,360 parameters.
 
@@ -261,7 +258,7 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
         return ResNet34_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
     except (OSError, RuntimeError) as error:  # URLError is an OSError; bad hash a RuntimeError
         raise BackboneWeightsError(
-            f"cannot download the ImageNet ResNet-34 weights (offline? {_first_line(error)}); "
+            f"cannot download the ImageNet ResNet-34 weights (offline? {first_line(error)}); "
             "pass a local torchvision resnet34 state dict file as --backbone-weights PATH, or none"
         ) from None
 
@@ -277,17 +274,12 @@ def _local_state_dict(path: str) -> dict[str, torch.Tensor]:
         ) from None
     except Exception as error:  # torch.load raises many types for files that are not checkpoints
         raise BackboneWeightsError(
-            f"backbone weights {path} cannot be read as a state dict: {_first_line(error)}"
+            f"backbone weights {path} cannot be read as a state dict: {first_line(error)}"
         ) from None
     if not isinstance(state, dict):
         kind = type(state).__name__
         raise BackboneWeightsError(f"backbone weights {path} hold a {kind}, not a state dict")
     return state
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def count_parameters(model: nn.Module) -> int:

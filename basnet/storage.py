@@ -12,7 +12,7 @@ import functools
 import os
 import posixpath
 import uuid
-from typing import Iterable
+from typing import Iterable, Sequence
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -28,6 +28,8 @@ __all__ = [
     "exists",
     "list_files",
     "relative_to",
+    "common_prefix",
+    "common_folder",
     "StorageError",
 ]
 
@@ -151,6 +153,25 @@ def list_files(uri: str, suffixes: Iterable[str] | None = None) -> list[str]:
             continue
         out.append(_to_uri(uri, info.path))
     return sorted(out)
+
+
+def common_prefix(uris: Sequence[str]) -> str:
+    """The longest shared ``/``-separated prefix of some URIs (``/`` when they share nothing)."""
+    if not uris:
+        raise ValueError("common_prefix needs at least one URI")
+    shared = str(uris[0]).rstrip("/").split("/")
+    for uri in uris[1:]:
+        parts = str(uri).rstrip("/").split("/")
+        n = 0
+        while n < min(len(shared), len(parts)) and shared[n] == parts[n]:
+            n += 1
+        shared = shared[:n]
+    return "/".join(shared) or "/"
+
+
+def common_folder(files: Sequence[str]) -> str:
+    """The deepest folder holding every file URI (for one file, its own folder)."""
+    return common_prefix([posixpath.dirname(str(f).rstrip("/")) for f in files])
 
 
 def relative_to(uri: str, root: str) -> str:

@@ -1,7 +1,9 @@
 """Image and mask transforms: decode, resize, random crop/flip, normalise, encode.
 
-Everything here works on numpy arrays (uint8, HxWx3 images and HxW masks) or torch tensors and
-knows nothing of Ray, so the same code runs in Ray Data workers, in the predictor and in tests.
+Everything here works on numpy arrays (uint8, HxWx3 images and HxW masks) with Pillow and knows
+nothing of Ray or torch, so the same code runs in light Ray Data tasks (which never import
+torch), in the predictor, in the server and in tests. The model's tensors are made in
+``basnet.device``.
 
 Decoding policy (one place, so training, inference and evaluation agree):
 
@@ -22,7 +24,6 @@ import logging
 from typing import Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Size = Union[int, tuple[int, int]]
-ArrayOrTensor = Union[np.ndarray, torch.Tensor]
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -246,58 +246,6 @@ def random_crop_flip_batch(batch: dict[str, np.ndarray], crop: Size, rng: np.ran
     return {"image": np.stack([p[0] for p in pairs]), "mask": np.stack([p[1] for p in pairs])}
 
 
-def _as_uint8_tensor(batch: ArrayOrTensor) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        tensor = batch
-    else:
-        array = np.asarray(batch)
-        if not array.flags.writeable:  # Ray hands out read-only buffers; torch warns on those
-            array = array.copy()
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if tensor.dtype != torch.uint8:
-        raise TypeError(f"expected uint8 values 0..255, got {tensor.dtype}")
-    return tensor
-
-
-def to_model_input(batch: ArrayOrTensor, *, memory_format: torch.memory_format = torch.contiguous_format
-                   ) -> torch.Tensor:
-    """Turn a uint8 NHWC batch into the model's float32 NCHW input.
-
-    Scales to [0, 1], then normalises with the ImageNet mean and std (the ResNet-34 encoder was
-    pretrained that way). Tensors stay on their device.
-
-    Args:
-        batch: ``uint8`` (N, H, W, 3) numpy array or torch tensor.
-        memory_format: Layout of the result: ``torch.channels_last`` for a channels_last model
-            (NHWC input permuted is that layout already, so it costs no copy).
-
-    Returns:
-        ``float32`` tensor (N, 3, H, W).
-    """
-    tensor = _as_uint8_tensor(batch)
-    if tensor.ndim != 4 or tensor.shape[-1] != 3:
-        raise ValueError(f"expected (N, H, W, 3), got {tuple(tensor.shape)}")
-    x = tensor.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=memory_format)
-
-
-def mask_to_target(batch: ArrayOrTensor) -> torch.Tensor:
-    """Turn a uint8 NHW mask batch into a float32 (N, 1, H, W) target in [0, 1].
-
-    Args:
-        batch: ``uint8`` (N, H, W) numpy array or torch tensor.
-
-    Returns:
-        ``float32`` tensor (N, 1, H, W) on the input's device.
-    """
-    tensor = _as_uint8_tensor(batch)
-    if tensor.ndim != 3:
-        raise ValueError(f"expected (N, H, W), got {tuple(tensor.shape)}")
-    return tensor.unsqueeze(1).to(torch.float32).div_(255.0)
-
-
 def encode_png(array: np.ndarray) -> bytes:
     """Encode a uint8 array as PNG bytes (no metadata, so equal arrays give equal bytes).
 
@@ -313,3 +261,40 @@ def encode_png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+FORMATS = ("mask", "binary", "rgba")  # what a saliency map is rendered as
+
+
+def to_grey(prob: np.ndarray) -> np.ndarray:
+    """[0, 1] floats to 8-bit grey levels, rounded to nearest."""
+    return np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
+
+
+def render_output(prob: np.ndarray, height: int, width: int, *, fmt: str, threshold: float = 0.5,
+                  source: bytes = b"") -> bytes:
+    """The output PNG for one saliency map, at the image's original size (the test protocol's last step).
+
+    Args:
+        prob: float (S, S) saliency in [0, 1] (sigmoid of the refined output, min-max normalised).
+        height, width: The original image's size (after EXIF rotation).
+        fmt: ``mask`` (8-bit soft), ``binary`` (0 or 255 at ``threshold``) or ``rgba`` (the
+            decoded image with the soft mask as alpha; needs ``source``, the image's bytes).
+        threshold: Saliency threshold of ``binary``.
+        source: The image's encoded bytes, for ``rgba``.
+
+    Returns:
+        PNG bytes.
+    """
+    full = resize_mask(np.asarray(prob, np.float32), (height, width))  # bilinear, before quantising
+    if fmt == "binary":
+        return encode_png(np.where(full >= threshold, 255, 0).astype(np.uint8))
+    mask = to_grey(full)
+    if fmt == "mask":
+        return encode_png(mask)
+    if fmt == "rgba":
+        image = decode_image(source)
+        if image.shape[:2] != mask.shape:
+            raise ImageDecodeError(f"image decoded as {image.shape[:2]}, expected {mask.shape}")
+        return encode_png(np.dstack([image, mask]))
+    raise ValueError(f"unknown format {fmt!r}")

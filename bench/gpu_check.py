@@ -9,7 +9,7 @@ started without the dashboard where the ``[default]`` extra is missing.
 
 What it measures, in one run:
 
-1. ``pytest -m gpu tests/test_gpu.py``: bf16 training killed after epoch 1 and resumed (optimizer
+1. ``pytest -m gpu tests/train/test_gpu.py``: bf16 training killed after epoch 1 and resumed (optimizer
    state on the GPU, loss still falling), two workers sharing one GPU (gloo) ending identical,
    GPU bf16 masks within 1 grey level of fp32 CPU masks.
 2. Training images/s at 224 px crops in the default precision (bf16 on GPUs that have it): the Ray
@@ -79,7 +79,7 @@ class GpuSampler:
 
 
 def run_gpu_tests() -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-s",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/train/test_gpu.py", "-q", "-s",
                            "-p", "no:cacheprovider"], cwd=REPO, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     summary = lines[-1] if lines else proc.stderr.strip()[-200:]
@@ -96,11 +96,11 @@ def training(args) -> dict:
 
 
 def masking(args, tmp: str) -> dict:
-    import infer_throughput
-
-    from basnet.infer import InferConfig
+    from basnet.infer.config import InferConfig
+    from basnet.infer.ray_pipeline import run_inference
     from basnet.model import BASNet
-    from basnet.ray_infer import run_inference
+
+    import infer_throughput
 
     torch.manual_seed(0)
     weights = os.path.join(tmp, "basnet.pth")
@@ -119,8 +119,8 @@ def masking(args, tmp: str) -> dict:
 
 def model_only(args) -> list[dict]:
     from basnet.device import resolve_precision
-    from basnet.engine import predict_probabilities
     from basnet.model import BASNet
+    from basnet.predict import predict_probabilities
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision("bf16" if device.type == "cuda" else "fp32", device)
@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: bench/gpu_check.py needs a CUDA GPU, and torch.cuda.is_available() is False here: "
               "run it on a GPU machine", file=sys.stderr)
         return 2
-    from basnet.cli import init_ray, setup_logging
+    from basnet.console import setup_logging
+    from basnet.ray_init import init_ray
 
     start = time.perf_counter()
     results: dict = {"tests": "skipped (--cpu-smoke)" if args.cpu_smoke else "skipped (--skip-tests)"}

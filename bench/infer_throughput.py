@@ -5,7 +5,7 @@
 
 On the same N generated JPEGs it times (1) a plain loop that, one image after another, decodes
 with PIL, runs the model, resizes the map back and writes the PNG, and (2) the Ray Data job
-(``basnet.ray_infer.run_inference``) on a local Ray, twice: on the freshly started Ray (cold:
+(``basnet.infer.ray_pipeline.run_inference``) on a local Ray, twice: on the freshly started Ray (cold:
 every worker process starts and imports torch) and again (warm: Ray's idle workers are reused;
 the model actor still starts anew, as in every run). Both are timed from loading the weights to
 the last PNG written. It then runs the job on 10 x N images and reports the peak memory of the
@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from basnet import storage  # noqa: E402
 from basnet.checkpoint import load_model  # noqa: E402
 from basnet.device import resolve_precision  # noqa: E402
-from basnet.engine import predict_probabilities  # noqa: E402
-from basnet.infer import InferConfig, to_grey  # noqa: E402
+from basnet.infer.config import InferConfig  # noqa: E402
 from basnet.model import BASNet  # noqa: E402
-from basnet.transforms import decode_image, encode_png, resize_image, resize_mask  # noqa: E402
+from basnet.predict import predict_probabilities  # noqa: E402
+from basnet.transforms import decode_image, encode_png, resize_image, resize_mask, to_grey  # noqa: E402
 
 
 def make_images(root: str, n: int, size: int) -> list[str]:
@@ -115,7 +115,7 @@ class TreeMemory:
 
 
 def job(input_dir: str, out: str, weights: str, args: argparse.Namespace):
-    from basnet.ray_infer import run_inference
+    from basnet.infer.ray_pipeline import run_inference
 
     cfg = InferConfig(input=input_dir, output=out, weights=weights, image_size=args.image_size,
                       batch_size=args.batch_size, actors=args.actors)
@@ -152,7 +152,7 @@ def main() -> None:
     loads = []  # the 1-minute load average after each phase: other processes skew every figure
     loop_s = plain_loop(small, os.path.join(work, "loop"), weights, args.image_size)
     loads.append(os.getloadavg()[0])
-    from basnet.cli import init_ray
+    from basnet.ray_init import init_ray
 
     init_ray()
     idle_pss, idle_rss, idle_procs = TreeMemory().sample()

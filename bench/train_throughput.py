@@ -3,12 +3,12 @@
     python bench/train_throughput.py                       # 64 and 256 px crops, whatever device there is
     python bench/train_throughput.py --sizes 64 --images 48 --batch-size 8
 
-For each size it generates one DUTS-layout sample (``basnet.sample``) and measures, in one run:
+For each size it generates one DUTS-layout sample (``basnet.data.sample``) and measures, in one run:
 
 * **plain**: one process using the whole machine (every core as a torch thread, or the GPU),
-  ``basnet.engine.train_step`` on the sample's batches, decoded and cropped in memory beforehand
+  ``basnet.train.engine.train_step`` on the sample's batches, decoded and cropped in memory beforehand
   (the data costs nothing). Warm-up steps are not timed.
-* **ray**: ``jobs/train.py``'s own code (``basnet.ray_train.fit``) on a local Ray with one worker:
+* **ray**: ``jobs/train.py``'s own code (``basnet.train.ray_trainer.fit``) on a local Ray with one worker:
   Ray Data streams and decodes the same files, the worker trains with the same model, batch and
   precision. Its figure is the loop's own images/s of the last epoch (the first epoch also pays
   for starting the pipeline and is not counted), as the epoch line prints it.
@@ -34,10 +34,10 @@ import torch  # noqa: E402
 def plain_images_per_s(sample: str, *, size: int, batch_size: int, precision: str, steps: int, warmup: int) -> float:
     """images/s of train_step in a plain loop over pre-decoded batches of ``sample``."""
     from basnet import storage
-    from basnet.config import TrainConfig
-    from basnet.data import discover
-    from basnet.engine import build_training_state, train_step
+    from basnet.data.discovery import discover
     from basnet.loss import HybridLoss
+    from basnet.train.config import TrainConfig
+    from basnet.train.engine import build_training_state, train_step
     from basnet.transforms import decode_image, decode_mask, random_crop_flip, resize_image, resize_mask
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,8 +73,8 @@ def ray_images_per_s(sample: str, storage_root: str, *, size: int, batch_size: i
                      epochs: int) -> tuple[float, list[float]]:
     """The Ray Train loop's own images/s of its last epoch (and of every epoch) on ``sample``."""
     from basnet.checkpoint import load_checkpoint
-    from basnet.config import TrainConfig
-    from basnet.ray_train import fit
+    from basnet.train.config import TrainConfig
+    from basnet.train.ray_trainer import fit
 
     cfg = TrainConfig(data=sample, storage=storage_root, name=f"bench-{size}", epochs=epochs,
                       batch_size=batch_size, image_size=size, crop_size=size, backbone_weights="none",
@@ -87,7 +87,7 @@ def ray_images_per_s(sample: str, storage_root: str, *, size: int, batch_size: i
 
 def measure(size: int, *, images: int, batch_size: int, precision: str, epochs: int, steps: int,
             warmup: int) -> dict:
-    from basnet.sample import generate_sample
+    from basnet.data.sample import generate_sample
 
     with tempfile.TemporaryDirectory() as tmp:
         sample = generate_sample(f"{tmp}/sample", n_train=images, n_test=2, size=size + size // 8)
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed plain-loop steps (default: one epoch)")
     parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
     args = parser.parse_args(argv)
-    from basnet.cli import init_ray, setup_logging
+    from basnet.console import setup_logging
+    from basnet.ray_init import init_ray
 
     setup_logging()
     init_ray()

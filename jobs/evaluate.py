@@ -17,10 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from basnet.cli import init_ray, main_guard, setup_logging  # noqa: E402
 from basnet.config import parse_config  # noqa: E402
-from basnet.console import print_last  # noqa: E402
-from basnet.evaluation import EvalConfig, plan_weights, prepare_folders  # noqa: E402
+from basnet.console import print_last, setup_logging  # noqa: E402
+from basnet.errors import main_guard  # noqa: E402
+from basnet.evaluate.config import EvalConfig, plan_weights  # noqa: E402
+from basnet.evaluate.matching import prepare_folders  # noqa: E402
+from basnet.ray_init import init_ray  # noqa: E402
 
 
 @main_guard
@@ -34,17 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         plan = plan_weights(cfg.weights, cfg.data, image_size=cfg.image_size, skip_unpaired=cfg.skip_unpaired)
     init_ray(verbose=cfg.verbose)
-    from basnet import ray_eval
-    from basnet.eval_report import summary_text, write_report
+    from basnet.evaluate import ray_scoring
+    from basnet.evaluate.report import summary_text, write_report
 
     if mode == "pred":
-        evaluation = ray_eval.evaluate_matching(matching, dataset=cfg.gt, predictions=cfg.pred,
-                                                blocks=cfg.blocks)
-    else:
-        evaluation = ray_eval.predict_and_evaluate(plan.weights, plan.pairs, out=cfg.out,
-                                                   dataset=plan.dataset, image_size=plan.image_size,
-                                                   batch_size=cfg.batch_size, precision=cfg.precision,
+        evaluation = ray_scoring.evaluate_matching(matching, dataset=cfg.gt, predictions=cfg.pred,
                                                    blocks=cfg.blocks)
+    else:
+        evaluation = ray_scoring.predict_and_evaluate(plan.weights, plan.pairs, out=cfg.out,
+                                                      dataset=plan.dataset, image_size=plan.image_size,
+                                                      batch_size=cfg.batch_size, precision=cfg.precision,
+                                                      blocks=cfg.blocks)
     write_report(evaluation, cfg.out, sheet_rows=cfg.sheet_rows)
     print_last(summary_text(evaluation, cfg.out))
     return 0

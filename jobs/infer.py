@@ -17,9 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from basnet.cli import init_ray, main_guard, setup_logging  # noqa: E402
 from basnet.config import parse_config  # noqa: E402
-from basnet.infer import InferConfig, plan_inference  # noqa: E402
+from basnet.console import setup_logging  # noqa: E402
+from basnet.errors import main_guard  # noqa: E402
+from basnet.infer.config import InferConfig  # noqa: E402
+from basnet.infer.plan import plan_inference  # noqa: E402
+from basnet.ray_init import init_ray  # noqa: E402
 
 
 @main_guard
@@ -29,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = plan_inference(cfg)  # every argument error surfaces here, before Ray starts
     if plan.items:  # a re-run of a finished job settles everything on the driver
         init_ray(plan.config.address, verbose=cfg.verbose)
-    from basnet.ray_infer import execute
+    from basnet.infer.ray_pipeline import execute
 
     summary = execute(plan)
     print(summary.line(), flush=True)

@@ -14,8 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from basnet.cli import init_ray, main_guard, setup_logging  # noqa: E402
-from basnet.config import TrainConfig, parse_config  # noqa: E402
+from basnet.config import parse_config  # noqa: E402
+from basnet.console import setup_logging  # noqa: E402
+from basnet.errors import main_guard  # noqa: E402
+from basnet.ray_init import init_ray  # noqa: E402
+from basnet.train.config import TrainConfig, resolve_data  # noqa: E402
 
 
 @main_guard
@@ -24,24 +27,23 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.verbose)
     # Every user error fails here, in one line and before Ray starts, not inside the workers.
     from basnet.model import check_backbone_weights
-    from basnet.ray_train import resolve_data
 
     split = resolve_data(cfg)
     check_backbone_weights(cfg.backbone_weights)
     if cfg.eval_data:  # a wrong --eval-data fails now, not after hours of training
-        from basnet.evaluation import resolve_eval_data
+        from basnet.evaluate.config import resolve_eval_data
 
         resolve_eval_data(cfg.eval_data, skip_unpaired=cfg.skip_unpaired, val_fraction=cfg.val_fraction,
                           seed=cfg.seed)
     init_ray(verbose=cfg.verbose)
-    from basnet.ray_train import fit
+    from basnet.train.ray_trainer import fit
 
     outcome = fit(cfg, split=split)
     if outcome.best_checkpoint is None:
         print("error: training produced no checkpoint", file=sys.stderr)
         return 1
     if cfg.eval_data:
-        from basnet.ray_eval import evaluate_checkpoint
+        from basnet.evaluate.ray_scoring import evaluate_checkpoint
 
         evaluate_checkpoint(outcome.best_checkpoint, cfg)
     return 0

@@ -17,19 +17,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from basnet.cli import init_ray, main_guard, setup_logging  # noqa: E402
+from basnet.console import setup_logging  # noqa: E402
+from basnet.errors import main_guard  # noqa: E402
+from basnet.ray_init import init_ray  # noqa: E402
+from basnet.tune.config import parse_search_args  # noqa: E402
+from basnet.tune.space import check_search_alg, search_space  # noqa: E402
 
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
-    setup_logging(verbose="--verbose" in (sys.argv[1:] if argv is None else argv))  # before Ray is imported
-    from basnet.ray_tune import check_search_alg, parse_search_args, run_search, search_space
-
     base, search, fixed = parse_search_args(argv, __doc__.splitlines()[0])
+    setup_logging(base.verbose)
     # Every mistake in the options or the space is refused here, before Ray or any trial starts.
     dims = search_space(search, base, fixed)
-    check_search_alg(search, dims)
+    check_search_alg(search.search_alg, dims)
     init_ray(verbose=base.verbose)
+    from basnet.tune.ray_search import run_search
+
     outcome = run_search(base, search, dims)
     if outcome.best is None:
         print("error: no trial produced a checkpoint (see the trials table above)", file=sys.stderr)

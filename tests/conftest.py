@@ -7,7 +7,6 @@ session's Ray sees the same endpoint as the test process.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,13 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from basnet.ray_init import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 S3_PORT = free_port()
@@ -91,7 +86,7 @@ def s3_bucket(s3_server, request):
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> str:
     """The embedded sample, generated once per session, small."""
-    from basnet.sample import generate_sample
+    from basnet.data.sample import generate_sample
 
     return generate_sample(str(tmp_path_factory.mktemp("sample")), n_train=16, n_test=8, size=(40, 32))
 
@@ -101,7 +96,7 @@ def ray_session(sample_root):
     """One local Ray (2 CPUs) shared by every Ray test of the session."""
     import ray
 
-    from basnet.cli import init_ray
+    from basnet.ray_init import init_ray
 
     os.environ["BASNET_SAMPLE_DIR"] = str(Path(sample_root).parent / "default-sample")
     init_ray(num_cpus=2)

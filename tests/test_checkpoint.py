@@ -10,16 +10,10 @@ import pytest
 import torch
 import yaml
 
-from basnet.checkpoint import (
-    CheckpointError,
-    checkpoint_config,
-    load_checkpoint,
-    load_model,
-    save_checkpoint,
-)
+from basnet.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, load_model, save_checkpoint
 from basnet.model import BASNet
 
-LAYOUT = Path(__file__).parent / "data" / "original_state_dict_layout.json"
+LAYOUT = Path(__file__).parent / "fixtures" / "original_state_dict_layout.json"
 NOT_FOUND_HINT = "(pass a training checkpoint directory or a basnet.pth file)"
 CONFIG = {"name": "run", "train": {"lr": 0.001, "crop": [224, 224], "amp": True}, "note": None}
 

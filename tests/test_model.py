@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from torchvision.models import resnet34
 
-from basnet.model import IMAGENET_MEAN, IMAGENET_STD, BASNet, count_parameters
+from basnet.model import BASNet, count_parameters
+from basnet.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-LAYOUT = Path(__file__).parent / "data" / "original_state_dict_layout.json"
+LAYOUT = Path(__file__).parent / "fixtures" / "original_state_dict_layout.json"
 N_OUTPUTS = 8
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from basnet.device import mask_to_target, to_model_input
 from basnet.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -17,11 +18,9 @@ from basnet.transforms import (
     decode_mask,
     encode_png,
     has_image_suffix,
-    mask_to_target,
     random_crop_flip,
     resize_image,
     resize_mask,
-    to_model_input,
 )
 
 

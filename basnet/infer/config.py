@@ -1,0 +1,83 @@
+"""The bulk-masking job's options: one ``InferConfig``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from basnet.config import PRECISIONS, check_options, option
+from basnet.errors import ConfigError
+from basnet.transforms import FORMATS
+
+__all__ = ["InferConfig", "FORMATS", "PUBLISHED_IMAGE_SIZE"]
+
+PUBLISHED_IMAGE_SIZE = 256  # the published basnet.pth was trained at 256 x 256
+
+
+@dataclass
+class InferConfig:
+    """Everything the bulk-masking job needs; ``None`` means "resolved from the weights or cluster"."""
+
+    input: str | None = option(None, "images: a folder or prefix (local, file://, s3://) walked recursively, "
+                                   "a .tar shard, a text (one path a line) or Parquet manifest, or one image")
+    output: str | None = option(None, "folder or prefix for the masks; each mask mirrors its input's "
+                                    "relative path with a .png suffix")
+    weights: str | None = option(None, "a training checkpoint directory, its model.pt, or the published "
+                                     "basnet.pth (local or s3://)")
+    format: str = option("mask", "mask: 8-bit soft saliency; binary: 0/255 at --threshold; "
+                               "rgba: the image with the mask as alpha", choices=FORMATS)
+    threshold: float = option(0.5, "saliency threshold in [0, 1] for --format binary", within=(0, 1))
+    image_size: int | None = option(None, "model input side, a multiple of 32 (default: the checkpoint's "
+                                        "training size; 256 for published weights)", multiple_of=32)
+    batch_size: int = option(8, "images per model call", positive=True)
+    task_batch_size: int = option(32, "images per batch of the CPU decode and write tasks", positive=True)
+    precision: str = option("auto", "auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU; "
+                                  "or fp32, bf16, fp16", choices=PRECISIONS)
+    channels_last: bool | None = option(None, "channels_last (NHWC) model and inputs (default: on GPUs)")
+    compile: bool = option(False, "torch.compile the model in each replica (slower start, faster batches)")
+    actors: int | None = option(None, "model replicas (default: one per GPU, or one per node without GPUs)",
+                                positive=True)
+    num_gpus_per_actor: float | None = option(None, "GPUs per model replica (default 1 if the cluster "
+                                                  "has GPUs, else 0)", at_least=0)
+    cpus_per_actor: float | None = option(None, "CPUs per model replica (default 1 with a GPU; without, "
+                                              "its node's CPUs less the decode/write share)", positive=True)
+    actor_resources: str | None = option(None, "custom Ray resources each model replica needs, as JSON, "
+                                             "e.g. '{\"infer_node\": 1}' to pin replicas to tagged nodes")
+    task_cpus: float = option(0.25, "CPUs per decode and per write task", positive=True)
+    task_resources: str | None = option(None, "custom Ray resources per decode and write task, as JSON")
+    max_pixels: int = option(64_000_000, "refuse (record as failed) images with more pixels than this",
+                             positive=True)
+    overwrite: bool = option(False, "redo inputs whose output already exists (default: skip them)")
+    root: str | None = option(None, "folder a manifest's paths are mirrored relative to (default: the "
+                                  "manifest's folder if it holds them all, else their common folder)")
+    address: str | None = option(None, "Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    verbose: bool = option(False, "show Ray's own INFO logs on the console")
+
+    def check(self) -> None:
+        """Raises ConfigError naming the first bad option."""
+        for key in ("input", "output", "weights"):
+            if not getattr(self, key):
+                raise ConfigError(f"--{key} is required (see --help)")
+        check_options(self)
+        self.resources("actor_resources")
+        self.resources("task_resources")
+
+    def resources(self, key: str) -> dict[str, float]:
+        """Parses a JSON resources option into ``{name: amount}``."""
+        text = getattr(self, key)
+        flag = "--" + key.replace("_", "-")
+        if not text:
+            return {}
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{flag} is not JSON: write it as '{{\"name\": 1}}'") from None
+        ok = isinstance(value, dict) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value.values())
+        if not ok:
+            raise ConfigError(f"{flag} must map resource names to positive numbers, got {text}")
+        return {str(k): float(v) for k, v in value.items()}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,325 @@
+"""Data-parallel BASNet training with Ray Train: the per-worker loop and the driver that launches it.
+
+The loop takes a plain dict (a ``TrainConfig`` as dict), so Ray Tune can search over that same
+dict. Rank 0 prints one line per epoch and attaches the checkpoint; every rank reports (a barrier).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+import ray.data
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from basnet import storage
+from basnet.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint
+from basnet.data.discovery import Split
+from basnet.data.ray_pipeline import training_dataset, validation_dataset
+from basnet.errors import UsageError
+from basnet.loss import HybridLoss
+from basnet.metrics import SODMetrics
+from basnet.ray_init import started_local_ray
+from basnet.train.config import TrainConfig, resolve_data
+from basnet.train.distributed import epoch_metrics, gather_metrics, replica_digests, sync_buffers
+from basnet.train.engine import TrainingState, build_training_state, steps_per_epoch, train_epoch, validate
+from basnet.transforms import random_crop_flip_batch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["train_loop_per_worker", "build_trainer", "fit", "TrainOutcome", "checkpoint_uri"]
+
+
+# ---------------------------------------------------------------- the per-worker loop
+
+
+class _SplitBoth(DataConfig):
+    """Splits "train" equally and "val" unequally, so each rank scores a disjoint part of the
+    validation set and no image is dropped or counted twice."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        val = datasets.pop("val", None)
+        output = super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+        if val is not None:
+            for i, shard in enumerate(val.streaming_split(world_size, equal=False)):
+                output[i]["val"] = shard
+        return output
+
+
+def _print(line: str) -> None:
+    # sys.stdout.write, not logging: Ray forwards worker stdout to the driver and the job logs.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _epoch_line(m: dict) -> str:
+    return (f"epoch {m['epoch']:>3}  train loss {m['train_loss']:.4f}  val MAE {m['val_mae']:.4f}  "
+            f"val max F {m['val_max_f']:.4f}  {m['images_per_s']:.2f} img/s")
+
+
+def _report(cfg: TrainConfig, m: dict, state: TrainingState, *, with_checkpoint: bool) -> None:
+    rank = ray.train.get_context().get_world_rank()
+    if rank == 0:
+        _print(_epoch_line(m))
+    if not (with_checkpoint and rank == 0):
+        ray.train.report(m)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, model_state=state.module.state_dict(), config=cfg.to_dict(), epoch=m["epoch"],
+                        metrics=m, optimizer_state=state.optimizer.state_dict(),
+                        scaler_state=state.scaler.state_dict() if state.scaler else None)
+        ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"epoch_{m['epoch']:04d}")
+
+
+def per_worker_batch(global_batch: int, world_size: int, planned_workers: int) -> int:
+    """Each worker's share of the global batch. An elastic run on fewer workers than planned keeps
+    the global batch by raising the share (rounding up when it does not split equally)."""
+    share = math.ceil(global_batch / world_size)
+    if world_size != planned_workers and ray.train.get_context().get_world_rank() == 0:
+        _print(f"elastic: {world_size} of {planned_workers} workers: {share} images per worker "
+               f"(was {global_batch // planned_workers}), a global batch of {share * world_size} "
+               f"for --batch-size {global_batch}")
+    return share
+
+
+def _latest_checkpoint(device: torch.device) -> dict | None:
+    """This run's last checkpoint, read in one piece (Ray's directory download streams small
+    reads, slow on S3) through basnet.checkpoint, onto the loop's device."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    return load_checkpoint(storage.join(checkpoint_uri(ckpt), MODEL_FILE), map_location=device)
+
+
+SHUFFLE_BATCHES = 4  # the local shuffle buffer holds this many batches of rows
+
+
+def _node_cpus() -> float:
+    here = ray.get_runtime_context().get_node_id()
+    return next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == here), 1.0)
+
+
+def _set_threads(device: torch.device, local_workers: int) -> int:
+    """On CPU a worker's torch threads are its share of the node's cores, not of its reservation:
+    Ray Data's decoding, which holds the rest of the reservation, is a few milliseconds an image
+    against the model's hundreds, and a plain loop would use every core too."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop size: cuDNN's autotuned kernels pay off
+        return torch.get_num_threads()
+    threads = max(1, int(_node_cpus() // max(local_workers, 1)))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def train_loop_per_worker(loop_config: dict) -> dict:
+    """Runs on every training worker: set up, resume, then train/validate/checkpoint each epoch.
+
+    ``loop_config`` is ``{"config": TrainConfig as dict, "train_images": N}``. Returns (rank 0's is
+    ``Result.return_value``) the last epoch, every replica's digest and where the restored
+    optimizer state lives.
+    """
+    cfg = TrainConfig(**loop_config["config"])
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    _set_threads(device, ctx.get_local_world_size())
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    batch = per_worker_batch(cfg.batch_size, world, cfg.num_workers or world)
+    state = build_training_state(cfg, device, world_size=world, per_worker_batch=batch,
+                                 wrap=ray.train.torch.prepare_model, checkpoint=_latest_checkpoint(device))
+    loss_fn = HybridLoss(bce_weight=cfg.bce_weight, ssim_weight=cfg.ssim_weight, iou_weight=cfg.iou_weight)
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    steps = steps_per_epoch(int(loop_config.get("train_images") or 0), world, batch) or None
+
+    def val_metrics() -> SODMetrics:
+        # The bare module: DDP's forward is a collective (it broadcasts buffers), and ranks may
+        # hold different numbers of validation batches.
+        return gather_metrics(validate(state.module, val_shard.iter_batches(batch_size=batch), device=device,
+                                       precision=state.precision, memory_format=state.memory_format))
+
+    if state.epoch == 0:  # the untrained model's score, the baseline every later epoch is judged by
+        _report(cfg, epoch_metrics(0, None, val_metrics(), device), state, with_checkpoint=False)
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        rng = np.random.default_rng([cfg.seed, epoch, rank])  # new crops every epoch, the same on a re-run
+        # drop_last: a last batch of one image would give BatchNorm a single value per channel.
+        rows = train_shard.iter_batches(batch_size=batch, prefetch_batches=2, drop_last=True,
+                                        local_shuffle_seed=cfg.seed + epoch,
+                                        local_shuffle_buffer_size=SHUFFLE_BATCHES * batch)
+        batches = (random_crop_flip_batch(b, cfg.crop_size, rng) for b in rows)
+        stats = train_epoch(state.model, batches, loss_fn, state.optimizer, device=device,
+                            precision=state.precision, scaler=state.scaler, memory_format=state.memory_format,
+                            epoch=epoch, log_every=cfg.log_every, steps=steps,
+                            on_log=(lambda log: _print(log.line())) if rank == 0 else None)
+        sync_buffers(state.module)
+        _report(cfg, epoch_metrics(epoch, stats, val_metrics(), device), state, with_checkpoint=True)
+    return {"epoch": max(state.epoch, cfg.epochs), "replica_digests": replica_digests(state.module),
+            "optimizer_state_devices": sorted({str(v.device) for s in state.optimizer.state.values()
+                                               for v in s.values() if torch.is_tensor(v) and v.dim() > 0})}
+
+
+# ---------------------------------------------------------------- the driver
+
+
+@dataclass
+class TrainOutcome:
+    best_checkpoint: str | None
+    best_metrics: dict
+    epochs_run: int
+    split: Split
+    loop_result: dict = field(default_factory=dict)  # rank 0's return value (see train_loop_per_worker)
+
+
+def checkpoint_uri(ckpt: ray.train.Checkpoint) -> str:
+    """A Ray checkpoint's location as a URI our storage helper reads."""
+    if isinstance(ckpt.filesystem, pafs.S3FileSystem):
+        return "s3://" + ckpt.path
+    return ckpt.path
+
+
+# CPUs a run leaves free for Ray Data's decoding tasks (each of which takes one CPU): two 1-CPU
+# workers on 2 CPUs would starve them and the run would wait forever.
+DATA_CPUS = 1.0
+_CPU_STEP = 0.25  # CPU shares are handed out in quarters
+
+
+def _cluster_cpus_gpus() -> tuple[float, float]:
+    res = ray.cluster_resources()
+    return float(res.get("CPU", 0)), float(res.get("GPU", 0))
+
+
+def _default_workers(cfg: TrainConfig, gpus: float) -> int:
+    """One worker per GPU (or GPU share), as many as split the batch equally; 1 on CPU."""
+    if not cfg.gpu:
+        return 1
+    most = max(1, int(gpus / cfg.gpus_per_worker))
+    workers = max(n for n in range(1, most + 1) if cfg.batch_size % n == 0)
+    if workers < most:
+        logger.warning("%d workers fit the cluster's GPUs but --batch-size %d splits equally across %d: "
+                       "training on %d (pass --batch-size to use them all)", most, cfg.batch_size, workers, workers)
+    return workers
+
+
+def resolve_resources(cfg: TrainConfig) -> TrainConfig:
+    """Fills GPU use, worker count and CPUs per worker from what the cluster has, and refuses a
+    run that this machine could never place (it would otherwise wait forever)."""
+    cpus, gpus = _cluster_cpus_gpus()
+    if cfg.gpu is None:
+        cfg.gpu = gpus > 0
+    if cfg.gpu and gpus == 0:
+        raise UsageError("--gpu given but the Ray cluster has no GPUs: drop --gpu or add GPU nodes")
+    if cfg.num_workers is None:
+        cfg.num_workers = _default_workers(cfg, gpus)
+    cfg.check_batch_split()
+    if cfg.cpus_per_worker is None:
+        share = math.floor((cpus - DATA_CPUS) / cfg.num_workers / _CPU_STEP) * _CPU_STEP
+        cfg.cpus_per_worker = 1.0 if cfg.gpu else max(share, _CPU_STEP)
+    _check_fits(cfg, cpus, gpus)
+    return cfg
+
+
+def _check_fits(cfg: TrainConfig, cpus: float, gpus: float) -> None:
+    workers = cfg.min_workers or cfg.num_workers
+    need_cpus = workers * cfg.cpus_per_worker + DATA_CPUS
+    need_gpus = workers * cfg.gpus_per_worker if cfg.gpu else 0.0
+    if need_cpus <= cpus + 1e-9 and need_gpus <= gpus + 1e-9:
+        return
+    if not started_local_ray():  # a cluster's autoscaler may still add the nodes
+        logger.warning("the run needs %g CPUs and %g GPUs; the cluster has %g and %g now: it waits for more nodes",
+                       need_cpus, need_gpus, cpus, gpus)
+        return
+    if need_gpus > gpus + 1e-9:
+        fit = int(gpus / cfg.gpus_per_worker)
+        raise UsageError(f"--num-workers {workers} needs {need_gpus:g} GPUs but this machine has {gpus:g}: "
+                         f"use --num-workers {fit} or fewer, or a smaller --gpus-per-worker")
+    fit = int((cpus - DATA_CPUS) / cfg.cpus_per_worker)
+    raise UsageError(f"--num-workers {workers} needs {workers} x {cfg.cpus_per_worker:g} CPU for the workers "
+                     f"plus {DATA_CPUS:g} for Ray Data's decoding, but this machine has {cpus:g} CPUs: use "
+                     f"--num-workers {max(fit, 1)} or fewer" + ("" if fit else " and a smaller --cpus-per-worker"))
+
+
+def check_shared_storage(cfg: TrainConfig) -> None:
+    """Several machines cannot share checkpoints through one machine's local disk."""
+    if storage.is_s3(cfg.storage) or os.environ.get("BASNET_STORAGE_IS_SHARED"):
+        return
+    fix = "pass --storage s3://bucket/prefix (or a shared mount and set BASNET_STORAGE_IS_SHARED=1)"
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    addresses = {n["NodeManagerAddress"] for n in nodes}
+    if len(addresses) > 1:
+        raise UsageError(f"--storage {cfg.storage} is a local path but the cluster has {len(addresses)} "
+                         f"machines: {fix}")
+    # An autoscaling cluster may show only its head now; if the workers cannot run here, they
+    # will run on machines that come later and write to their own disks.
+    here = next((n for n in nodes if n["NodeID"] == ray.get_runtime_context().get_node_id()), None)
+    resources = here["Resources"] if here else {}
+    if resources.get("CPU", 0) < cfg.cpus_per_worker or (cfg.gpu and resources.get("GPU", 0) < cfg.gpus_per_worker):
+        raise UsageError(f"--storage {cfg.storage} is a local path but the training workers cannot run "
+                         f"on this machine, so they would write elsewhere: {fix}")
+
+
+def build_trainer(cfg: TrainConfig, split: Split, *, callbacks: list | None = None) -> TorchTrainer:
+    fs, path = storage.filesystem(cfg.storage)
+    workers = cfg.num_workers
+    if cfg.min_workers and cfg.min_workers < cfg.num_workers:
+        workers = (cfg.min_workers, cfg.num_workers)
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpu else {})}
+    # NCCL refuses two ranks on one GPU: workers that share a GPU talk over gloo (CUDA tensors too).
+    backend = "gloo" if cfg.gpu and cfg.gpus_per_worker < 1 else None
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "train_images": len(split.train)},
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(cfg.gpu), resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=path, storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_mae",
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks or None,
+            # Ray Train logs every report at INFO ("Reporting training result ..."): the job prints its own.
+            logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING"),
+        ),
+        datasets={"train": training_dataset(split.train, image_size=cfg.image_size, seed=cfg.seed),
+                  "val": validation_dataset(split.val, image_size=cfg.image_size)},
+        # preserve_order: the seeded block order reaches the loop as it is, so a re-run sees the same batches.
+        dataset_config=_SplitBoth(datasets_to_split=["train"],
+                                  execution_options={"train": ray.data.ExecutionOptions(preserve_order=True)}),
+    )
+
+
+def best_of(result: ray.train.Result) -> tuple[str | None, dict]:
+    scored = [(m, c) for c, m in (result.best_checkpoints or []) if m.get("val_mae") == m.get("val_mae")]
+    if not scored:
+        return None, {}
+    metrics, ckpt = min(scored, key=lambda mc: mc[0]["val_mae"])
+    return checkpoint_uri(ckpt), metrics
+
+
+def fit(cfg: TrainConfig, *, split: Split | None = None, callbacks: list | None = None) -> TrainOutcome:
+    """Trains per ``cfg`` (already resolved) on the running Ray cluster; prints the best checkpoint.
+
+    ``split`` is the data :func:`resolve_data` found (jobs find it before Ray starts); found here if None.
+    """
+    cfg = resolve_resources(cfg)
+    check_shared_storage(cfg)
+    split = split or resolve_data(cfg)
+    logger.info("training on %d pairs, validating on %d (%s); %d worker(s), gpu=%s",
+                len(split.train), len(split.val), split.val_source, cfg.num_workers, cfg.gpu)
+    result = build_trainer(cfg, split, callbacks=callbacks).fit()
+    uri, metrics = best_of(result)
+    epochs = int((result.metrics or {}).get("epoch", 0))
+    if uri:
+        print(f"best checkpoint: {uri}  (epoch {metrics['epoch']}, val MAE {metrics['val_mae']:.4f}, "
+              f"val max F {metrics['val_max_f']:.4f})", flush=True)
+    return TrainOutcome(best_checkpoint=uri, best_metrics=metrics, epochs_run=epochs, split=split,
+                        loop_result=result.return_value or {})

@@ -1,0 +1,281 @@
+"""The bulk-masking job end to end on the session's local Ray: real files, moto S3, a killed run."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from basnet import storage
+from basnet.checkpoint import load_model
+from basnet.infer.config import InferConfig
+from basnet.infer.manifest import read_run_manifest
+from basnet.infer.ray_pipeline import run_inference
+from basnet.model import BASNet
+from basnet.predict import predict_probabilities
+from basnet.transforms import decode_image, resize_image, resize_mask
+
+from infer_collection import EXPECTED_OUTPUTS, MAX_PIXELS, bad_files, encode, picture, write_collection, write_shard
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SIZE = 32
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> str:
+    """One random-weights state dict (the published basnet.pth's format) shared by every test."""
+    path = str(tmp_path_factory.mktemp("weights") / "basnet.pth")
+    torch.manual_seed(0)
+    torch.save(BASNet().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> tuple[str, dict]:
+    root = str(tmp_path_factory.mktemp("collection"))
+    return root, write_collection(root)
+
+
+def config(input_uri: str, output: str, weights: str, **extra) -> InferConfig:
+    return InferConfig(input=input_uri, output=output, weights=weights, image_size=SIZE, batch_size=4,
+                       max_pixels=MAX_PIXELS, **extra)
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_session, collection, weights, tmp_path_factory):
+    root, _ = collection
+    out = str(tmp_path_factory.mktemp("local") / "masks")
+    return out, run_inference(config(root, out, weights))
+
+
+def pngs(root: str) -> dict[str, str]:
+    """Relative path -> URI of every mask under an output root (the manifest folder left out)."""
+    found = storage.list_files(root, [".png"])
+    return {storage.relative_to(uri, root): uri for uri in found}
+
+
+def grey(uri: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(storage.read_bytes(uri))))
+
+
+def test_every_valid_image_gets_a_mask_of_its_original_size_at_its_mirrored_path(collection, local_run):
+    root, sizes = collection
+    out, summary = local_run
+    assert pngs(out).keys() == set(EXPECTED_OUTPUTS.values())
+    for rel, size in sizes.items():
+        mask = Image.open(os.path.join(out, EXPECTED_OUTPUTS[rel]))
+        assert (mask.mode, (mask.height, mask.width)) == ("L", size), rel
+
+
+def test_bad_inputs_are_failed_in_the_manifest_and_counts_add_up(collection, local_run):
+    root, sizes = collection
+    out, summary = local_run
+    assert (summary.written, summary.skipped, summary.failed) == (len(sizes), 0, len(bad_files()))
+    table = read_run_manifest(summary)
+    assert table.num_rows == summary.total == len(sizes) + len(bad_files())
+    rows = {os.path.relpath(r["input"], root): r for r in table.to_pylist()}
+    for rel in bad_files():
+        assert rows[rel]["status"] == "failed" and rows[rel]["error"], rel
+    assert "max-pixels" in rows["bad/huge.png"]["error"]
+    for rel, (height, width) in sizes.items():
+        row = rows[rel]
+        assert (row["status"], row["height"], row["width"], row["error"]) == ("written", height, width, None)
+        assert row["output"] == os.path.join(out, EXPECTED_OUTPUTS[rel]) and row["seconds"] > 0
+
+
+def test_resolved_config_is_saved_beside_the_masks(local_run, weights):
+    out, summary = local_run
+    assert summary.config.startswith(os.path.join(out, "_config", "config-"))
+    saved = yaml.safe_load(storage.read_bytes(summary.config))
+    assert saved["weights"] == weights and saved["image_size"] == SIZE
+    # One node of 2 CPUs: one actor with all but the decode and write tasks' 2 x 0.25 CPU.
+    assert (saved["actors"], saved["cpus_per_actor"], saved["num_gpus_per_actor"]) == (1, 1.5, 0)
+    assert all(os.path.basename(p).startswith(f"part-{summary.run_id}-") for p in summary.manifest)
+    assert set(pq.read_table(os.path.join(out, "_manifest")).column("run_id").to_pylist()) == {summary.run_id}
+
+
+def test_pipeline_masks_equal_direct_model_calls_within_one_grey_level(collection, local_run, weights):
+    root, sizes = collection
+    out, _ = local_run
+    model = load_model(weights)
+    for rel, (height, width) in sizes.items():
+        image = decode_image(storage.read_bytes(os.path.join(root, rel)))
+        batch = torch.from_numpy(resize_image(image, SIZE)[None])
+        prob = predict_probabilities(model, batch, device=torch.device("cpu"))[0].numpy()
+        direct = np.clip(np.rint(resize_mask(prob, (height, width)) * 255), 0, 255)
+        piped = grey(os.path.join(out, EXPECTED_OUTPUTS[rel])).astype(np.int16)
+        assert np.abs(piped - direct).max() <= 1, rel
+
+
+def test_s3_in_and_out_gives_byte_equal_masks_to_the_local_run(collection, local_run, weights, s3_bucket):
+    root, _ = collection
+    out, local = local_run
+    for path in storage.list_files(root):
+        storage.write_bytes(f"{s3_bucket}/photos/{storage.relative_to(path, root)}", storage.read_bytes(path))
+    summary = run_inference(config(f"{s3_bucket}/photos", f"{s3_bucket}/masks", weights))
+    assert (summary.written, summary.failed) == (local.written, local.failed)
+    remote, here = pngs(f"{s3_bucket}/masks"), pngs(out)
+    assert remote.keys() == here.keys()
+    for rel in here:
+        assert storage.read_bytes(remote[rel]) == storage.read_bytes(here[rel]), rel
+    assert read_run_manifest(summary).num_rows == summary.total
+
+
+@pytest.mark.parametrize("fmt", ["binary", "rgba"])
+def test_binary_and_rgba_formats_follow_the_soft_mask(fmt, collection, local_run, weights, tmp_path):
+    root, sizes = collection
+    soft_out, _ = local_run
+    chosen = ["a/x.jpg", "exif.jpg", "a/deep/er/y.PNG"]
+    out = str(tmp_path / fmt)
+    summary = run_inference(config(None, out, weights, root=root, format=fmt),
+                            images=[os.path.join(root, rel) for rel in chosen])
+    assert summary.written == len(chosen)
+    for rel in chosen:
+        result = grey(os.path.join(out, EXPECTED_OUTPUTS[rel]))
+        soft = grey(os.path.join(soft_out, EXPECTED_OUTPUTS[rel]))
+        if fmt == "binary":
+            assert set(np.unique(result)) <= {0, 255} and result.shape == sizes[rel]
+            assert np.mean((result == 255) == (soft >= 128)) > 0.98
+        else:
+            image = decode_image(storage.read_bytes(os.path.join(root, rel)))
+            assert result.shape == (*sizes[rel], 4) and np.array_equal(result[..., :3], image)
+            assert np.abs(result[..., 3].astype(int) - soft).max() <= 1
+
+
+def test_explicit_image_list_masks_only_those_images_mirrored_under_the_root(collection, weights, tmp_path):
+    root, _ = collection
+    out = str(tmp_path / "preds")
+    images = [os.path.join(root, "b/x.jpg"), os.path.join(root, "a/deep/er/y.PNG")]
+    summary = run_inference(config(None, out, weights, root=root), images=images)
+    assert (summary.written, summary.total) == (2, 2)
+    assert pngs(out).keys() == {"b/x.png", "a/deep/er/y.png"}
+
+
+def test_tar_shard_input_masks_members_and_never_writes_outside_the_output(weights, tmp_path):
+    (tmp_path / "shards").mkdir()
+    write_shard(str(tmp_path / "shards" / "s0.tar"))
+    out = str(tmp_path / "out" / "masks")
+    summary = run_inference(config(str(tmp_path / "shards" / "s0.tar"), out, weights))
+    assert pngs(out).keys() == {"s0/img/p.png", "s0/img/q.png", "s0/abs/y.png", "s0/odd_name?.png"}
+    assert (summary.written, summary.failed, summary.total) == (4, 2, 6)
+    failed = {r["input"].split("#", 1)[1]: r["error"] for r in read_run_manifest(summary).to_pylist()
+              if r["status"] == "failed"}
+    assert failed.keys() == {"../../x.jpg", "link.jpg"} and "unsafe" in failed["../../x.jpg"]
+    for folder, _, files in os.walk(tmp_path):
+        for name in files:
+            path = os.path.join(folder, name)
+            assert path.startswith((out + os.sep, str(tmp_path / "shards") + os.sep)), path
+
+
+@pytest.mark.parametrize("kind", ["text", "parquet"])
+def test_manifest_input_masks_the_listed_images_relative_to_the_manifest(kind, collection, weights, tmp_path):
+    root, _ = collection
+    listed = ["a/x.jpg", os.path.join(str(tmp_path), "b/x.jpg"), "gray.jpg"]  # relative and absolute
+    manifest = os.path.join(str(tmp_path), f"list.{'txt' if kind == 'text' else 'parquet'}")
+    for rel in ("a/x.jpg", "b/x.jpg", "gray.jpg"):
+        os.makedirs(os.path.dirname(os.path.join(tmp_path, rel)), exist_ok=True)
+        os.link(os.path.join(root, rel), os.path.join(tmp_path, rel))
+    if kind == "text":
+        open(manifest, "w").write("# three images\n" + "\n".join(listed) + "\n")
+    else:
+        pq.write_table(pa.table({"path": listed, "note": ["p", "q", "r"]}), manifest)
+    out = str(tmp_path / "masks")
+    summary = run_inference(config(manifest, out, weights))
+    assert (summary.written, summary.total) == (3, 3)
+    assert pngs(out).keys() == {"a/x.png", "b/x.png", "gray.png"}
+
+
+def write_many(root: str, n: int) -> None:
+    for i in range(n):
+        path = os.path.join(root, f"f{i % 3}", f"img{i:03d}.jpg")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(encode(Image.fromarray(picture(32, 32, i)), "JPEG"))
+
+
+def kill_process_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the job, its Ray (started in its own session) and every process below it."""
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(tree, timeout=60)
+    assert not alive, alive
+
+
+def await_first_masks(proc: subprocess.Popen, out: str, timeout: float = 600) -> None:
+    """Polls the output folder until the running job has written some masks."""
+    deadline = time.monotonic() + timeout
+    while not storage.list_files(out, [".png"]):
+        assert proc.poll() is None, "the job ended before any mask appeared"
+        assert time.monotonic() < deadline, "no mask appeared in time"
+        time.sleep(0.02)  # polling the folder: a file appearing has no event to wait on
+
+
+def test_killed_run_resumes_writing_only_the_missing_masks(ray_session, weights, tmp_path):
+    n = 120
+    write_many(str(tmp_path / "in"), n)
+    out = str(tmp_path / "out")
+    args = ["--input", str(tmp_path / "in"), "--output", out, "--weights", weights,
+            "--image-size", str(SIZE), "--batch-size", "4", "--task-batch-size", "4", "--actors", "1"]
+    with open(tmp_path / "job.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "jobs/infer.py", *args], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            await_first_masks(proc, out)
+        finally:
+            kill_process_tree(proc)
+    before = {rel: os.stat(uri).st_mtime_ns for rel, uri in pngs(out).items()}
+    assert 0 < len(before) < n
+    for uri in pngs(out).values():
+        Image.open(uri).load()  # complete PNGs only: a truncated one fails to load
+    summary = run_inference(config(str(tmp_path / "in"), out, weights))
+    assert (summary.skipped, summary.written, summary.failed) == (len(before), n - len(before), 0)
+    after = pngs(out)
+    assert len(after) == n and all(os.stat(after[rel]).st_mtime_ns == t for rel, t in before.items())
+    for uri in after.values():
+        Image.open(uri).load()
+    again = run_inference(config(str(tmp_path / "in"), out, weights))
+    assert (again.skipped, again.written) == (n, 0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input", "/nonexistent/photos"], "input not found"),
+    (["--weights", "NOT_TORCH"], "not a readable torch file"),
+    (["--output", "UNDER_A_FILE"], "cannot write to --output"),
+    (["--image-size", "100"], "not a multiple of 32"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, message, collection, weights, tmp_path):
+    root, _ = collection
+    (tmp_path / "file").write_text("a file, not a folder")
+    (tmp_path / "weights.txt").write_text("not torch")
+    base = {"--input": root, "--output": str(tmp_path / "masks"), "--weights": weights}
+    base.update(dict(zip(argv[::2], argv[1::2])))
+    base = {k: {"NOT_TORCH": str(tmp_path / "weights.txt"), "UNDER_A_FILE": str(tmp_path / "file" / "masks")}.get(v, v)
+            for k, v in base.items()}
+    proc = subprocess.run([sys.executable, "jobs/infer.py", *[x for kv in base.items() for x in kv]],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr

@@ -1,0 +1,268 @@
+"""Bulk masking's library pieces without Ray: names, inputs, the three stages, the manifest."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from basnet.errors import ConfigError, UsageError
+from basnet.infer.config import InferConfig
+from basnet.infer.inputs import assign_outputs, collect_inputs, read_manifest
+from basnet.infer.manifest import InferSummary, ManifestWriter
+from basnet.infer.naming import OutputNames, UnsafeNameError, safe_parts
+from basnet.infer.predictor import MaskPredictor
+from basnet.infer.stages import decode_batch, write_batch
+from basnet.model import BASNet
+from basnet.predict import predict_probabilities
+from basnet.transforms import decode_image, render_output, resize_image
+
+from infer_collection import MAX_PIXELS, add_member, bad_files, encode, picture, valid_files, write_shard
+
+
+def strings(*values) -> np.ndarray:
+    """A string (or bytes) column as Ray Data hands it to a numpy-format UDF."""
+    return np.array(values, dtype=object)
+
+
+def decode_items(items: list[tuple[str, str, str]], *, size: int = 32, keep_bytes: bool = False,
+                 overwrite: bool = False, batch_size: int = 64) -> list[dict]:
+    """Runs stage 1 on (kind, source, output) items; returns the rows as dicts."""
+    batch = {k: np.array(v, dtype=object) for k, v in zip(("kind", "source", "output"), zip(*items))}
+    rows = []
+    for out in decode_batch(batch, size=size, max_pixels=MAX_PIXELS, keep_bytes=keep_bytes,
+                            overwrite=overwrite, batch_size=batch_size):
+        rows += [{k: v[i] for k, v in out.items()} for i in range(len(out["status"]))]
+    return rows
+
+
+@pytest.mark.parametrize("name", ["../../x.jpg", "a/../../b.jpg", "a\\..\\..\\x.jpg", "..", "/", ""])
+def test_safe_parts_refuses_names_that_leave_the_folder(name):
+    with pytest.raises(UnsafeNameError):
+        safe_parts(name)
+
+
+def test_safe_parts_drops_absolute_and_dot_parts_and_replaces_control_characters():
+    assert safe_parts("/abs/./y.jpg") == ["abs", "y.jpg"]
+    assert safe_parts("a//b\\c.jpg") == ["a", "b", "c.jpg"]
+    assert safe_parts("odd\x01name\x7f?.jpg") == ["odd_name_?.jpg"]
+    assert safe_parts("bad\udcffbyte.jpg") == ["bad_byte.jpg"]
+
+
+def test_output_names_keep_folders_and_give_colliding_stems_their_full_name():
+    names = OutputNames()
+    claimed = [names.claim(n) for n in ("a/x.jpg", "b/x.jpg", "a/x.png", "a/x.jpg.png", "c/.hidden", "d/noext")]
+    assert claimed == ["a/x.png", "b/x.png", "a/x.png.png", "a/x.jpg.png", "c/.hidden.png", "d/noext.png"]
+    with pytest.raises(UnsafeNameError, match="taken"):
+        names.claim("a/x.png")
+
+
+def test_assign_outputs_mirrors_paths_skips_existing_and_maps_shards_to_folders(tmp_path):
+    root, out = str(tmp_path / "in"), str(tmp_path / "out")
+    sources = [f"{root}/a/x.jpg", f"{root}/b/x.JPG", f"{root}/s/shard-1.tar", "/elsewhere/y.jpg"]
+    items, decided = assign_outputs(sources, root, out, existing={f"{out}/b/x.png"})
+    assert [(i.kind, i.output) for i in items] == [("image", f"{out}/a/x.png"), ("tar", f"{out}/s/shard-1")]
+    assert [(d["status"], d["output"]) for d in decided] == [("skipped", f"{out}/b/x.png"), ("failed", "")]
+    assert "not under the root" in decided[1]["error"]
+
+
+def test_read_manifest_resolves_relative_entries_and_ignores_comments(tmp_path):
+    (tmp_path / "list.txt").write_text("# photos\na/x.jpg\n\n/abs/y.jpg\na/x.jpg\ns3://b/k/z.png\n")
+    assert read_manifest(str(tmp_path / "list.txt")) == [str(tmp_path / "a/x.jpg"), "/abs/y.jpg", "s3://b/k/z.png"]
+
+
+def test_read_manifest_takes_the_path_column_of_a_parquet_file(tmp_path):
+    pq.write_table(pa.table({"id": [1, 2], "path": ["a/x.jpg", "b/y.jpg"], "label": ["p", "q"]}),
+                   str(tmp_path / "m.parquet"))
+    assert read_manifest(str(tmp_path / "m.parquet")) == [str(tmp_path / "a/x.jpg"), str(tmp_path / "b/y.jpg")]
+    pq.write_table(pa.table({"a": ["x"], "b": ["y"]}), str(tmp_path / "n.parquet"))
+    with pytest.raises(UsageError, match="'path' column"):
+        read_manifest(str(tmp_path / "n.parquet"))
+
+
+def test_collect_inputs_lists_case_insensitively_and_leaves_out_the_output_folder(tmp_path):
+    for rel in ("a/X.JPG", "b/y.Png", "c/s.tar", "notes.txt", "masks/a/X.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    cfg = InferConfig(input=str(tmp_path), output=str(tmp_path / "masks"), weights="w")
+    sources, root = collect_inputs(cfg, str(tmp_path / "masks"), None)
+    assert [os.path.relpath(s, tmp_path) for s in sources] == ["a/X.JPG", "b/y.Png", "c/s.tar"]
+    assert root == str(tmp_path)
+
+
+def test_collect_inputs_reports_a_missing_input_as_a_usage_error(tmp_path):
+    cfg = InferConfig(input=str(tmp_path / "nope"), output=str(tmp_path / "o"), weights="w")
+    with pytest.raises(UsageError, match="input not found"):
+        collect_inputs(cfg, str(tmp_path / "o"), None)
+
+
+def test_manifest_root_is_the_entries_common_folder_when_the_manifest_lies_elsewhere(tmp_path):
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists/l.txt").write_text(f"{tmp_path}/photos/a/x.jpg\n{tmp_path}/photos/b/y.jpg\n")
+    cfg = InferConfig(input=str(tmp_path / "lists/l.txt"), output=str(tmp_path / "o"), weights="w")
+    _, root = collect_inputs(cfg, str(tmp_path / "o"), None)
+    assert root == str(tmp_path / "photos")
+
+
+def test_decode_batch_keeps_original_size_and_records_every_bad_input_as_failed(tmp_path):
+    items = []
+    for rel, data in {**{k: d for k, (d, _) in valid_files().items()}, **bad_files()}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+        items.append(("image", str(tmp_path / rel), f"/out/{rel}.png"))
+    items.append(("image", str(tmp_path / "missing.jpg"), "/out/missing.png"))
+    rows = {os.path.relpath(r["input"], tmp_path): r for r in decode_items(items, batch_size=4)}
+    for rel, (_, size) in valid_files().items():
+        assert rows[rel]["status"] == "pending" and (rows[rel]["height"], rows[rel]["width"]) == size
+        assert rows[rel]["image"].shape == (32, 32, 3)
+    errors = {rel: rows[rel]["error"] for rel in (*bad_files(), "missing.jpg")}
+    assert all(rows[rel]["status"] == "failed" for rel in errors)
+    assert "empty" in errors["bad/empty.jpg"] and "truncated" in errors["bad/truncated.jpg"].lower()
+    assert "not a recognised image" in errors["bad/text.png"] and "max-pixels" in errors["bad/huge.png"]
+    assert "cannot read" in errors["missing.jpg"]
+
+
+def test_decode_batch_walks_a_tar_shard_and_refuses_hostile_members(tmp_path):
+    write_shard(str(tmp_path / "s.tar"))
+    out = str(tmp_path / "out" / "s")
+    rows = {r["input"].split("#", 1)[1]: r for r in decode_items([("tar", str(tmp_path / "s.tar"), out)])}
+    assert set(rows) == {"img/p.jpg", "img/q.png", "../../x.jpg", "/abs/y.jpg", "odd\x01name?.jpg", "link.jpg"}
+    assert rows["../../x.jpg"]["status"] == "failed" and "unsafe" in rows["../../x.jpg"]["error"]
+    assert rows["link.jpg"]["status"] == "failed" and "not a regular file" in rows["link.jpg"]["error"]
+    assert rows["/abs/y.jpg"]["output"] == f"{out}/abs/y.png"
+    assert rows["odd\x01name?.jpg"]["output"] == f"{out}/odd_name?.png"
+    assert all(r["output"].startswith(out + "/") for r in rows.values() if r["output"])
+
+
+def test_decode_batch_records_a_truncated_shard_and_keeps_its_readable_members(tmp_path):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for i in range(3):
+            add_member(tar, f"m{i}.png", encode(Image.fromarray(picture(40, 40, i)), "PNG"))
+    second = tarfile.open(fileobj=io.BytesIO(buffer.getvalue())).getmembers()[1]
+    (tmp_path / "t.tar").write_bytes(buffer.getvalue()[: second.offset_data + 100])  # cut inside it
+    rows = decode_items([("tar", str(tmp_path / "t.tar"), str(tmp_path / "o"))])
+    assert rows[0]["status"] == "pending"
+    assert rows[-1]["status"] == "failed" and "unreadable tar shard" in rows[-1]["error"]
+
+
+def test_decode_batch_skips_shard_members_whose_mask_exists(tmp_path):
+    write_shard(str(tmp_path / "s.tar"))
+    out = tmp_path / "o"
+    (out / "img").mkdir(parents=True)
+    (out / "img/p.png").write_bytes(b"done")
+    decoded = decode_items([("tar", str(tmp_path / "s.tar"), str(out))])
+    rows = {r["input"].split("#", 1)[1]: r["status"] for r in decoded}
+    assert rows["img/p.jpg"] == "skipped" and rows["img/q.png"] == "pending"
+
+
+def test_render_output_gives_each_format_at_the_original_size():
+    prob = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    source = encode(Image.fromarray(picture(40, 50, 0)), "PNG")
+    mask = np.asarray(Image.open(io.BytesIO(render_output(prob, 40, 50, fmt="mask"))))
+    binary = np.asarray(Image.open(io.BytesIO(render_output(prob, 40, 50, fmt="binary", threshold=0.5))))
+    rgba = Image.open(io.BytesIO(render_output(prob, 40, 50, fmt="rgba", source=source)))
+    assert mask.shape == binary.shape == (40, 50) and rgba.size == (50, 40) and rgba.mode == "RGBA"
+    assert mask.min() == 0 and mask.max() == 255 and len(np.unique(mask)) > 100
+    assert set(np.unique(binary)) == {0, 255}
+    assert np.array_equal(binary == 255, mask >= 128)
+    assert np.array_equal(np.asarray(rgba)[..., 3], mask)
+    assert np.array_equal(np.asarray(rgba)[..., :3], decode_image(source))
+
+
+def test_mask_predictor_matches_the_model_and_passes_failed_rows_through():
+    torch.manual_seed(0)
+    model = BASNet().eval()
+    images = np.stack([resize_image(picture(40, 40, s), 32) for s in range(3)])
+    batch = {"input": strings("a", "b", "c"), "status": strings("pending", "failed", "pending"),
+             "error": strings("", "bad", ""), "seconds": np.zeros(3), "image": images}
+    out = MaskPredictor(model.state_dict(), device=torch.device("cpu"))(batch)
+    direct = predict_probabilities(model, torch.from_numpy(images[[0, 2]]), device=torch.device("cpu")).numpy()
+    assert "image" not in out and out["prob"].shape == (3, 32, 32)
+    assert np.allclose(out["prob"][[0, 2]], direct, atol=1e-5) and not out["prob"][1].any()
+    assert list(out["status"]) == ["pending", "failed", "pending"] and out["seconds"][1] == 0
+
+
+def test_write_batch_writes_pending_rows_and_records_write_failures(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    prob = np.random.default_rng(0).random((3, 32, 32), dtype=np.float32)
+    batch = {"input": strings("a", "b", "c"),
+             "output": strings(str(tmp_path / "o/a.png"), str(tmp_path / "file/b.png"), str(tmp_path / "o/c.png")),
+             "width": np.array([20, 20, 0]), "height": np.array([10, 10, 0]),
+             "status": strings("pending", "pending", "failed"), "error": strings("", "", "bad"),
+             "seconds": np.zeros(3), "data": strings(b"", b"", b""), "prob": prob}
+    out = write_batch(batch, fmt="mask", threshold=0.5)
+    assert list(out["status"]) == ["written", "failed", "failed"] and "cannot write" in out["error"][1]
+    with Image.open(tmp_path / "o/a.png") as written:
+        assert written.size == (20, 10) and not (tmp_path / "o/c.png").exists()
+    assert set(out) == {"input", "output", "width", "height", "status", "error", "seconds"}
+
+
+def test_manifest_writer_flushes_numbered_parts_and_counts_statuses(tmp_path):
+    writer = ManifestWriter(str(tmp_path), "run1", rows_per_part=2)
+    rows = {"input": ["a", "b", "c"], "output": ["A", "", ""], "width": [3, 0, 0], "height": [4, 0, 0],
+            "status": ["written", "failed", "skipped"], "error": ["", "boom", ""], "seconds": [0.1, 0.0, 0.0]}
+    writer.add({k: v[:2] for k, v in rows.items()})  # reaches rows_per_part: flushed
+    writer.add({k: v[2:] for k, v in rows.items()})
+    parts = writer.close()
+    assert [os.path.basename(p) for p in parts] == ["part-run1-0000.parquet", "part-run1-0001.parquet"]
+    table = pa.concat_tables([pq.read_table(p) for p in parts])
+    assert table.column("width").to_pylist() == [3, None, None]
+    assert table.column("error").to_pylist() == [None, "boom", None]
+    assert table.column("output").to_pylist() == ["A", None, None]
+    assert writer.counts == {"written": 1, "skipped": 1, "failed": 1}
+    assert table.column("run_id").to_pylist() == ["run1"] * 3
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"input": None}, "--input is required"), ({"image_size": 48}, "multiple of 32"),
+    ({"format": "jpeg"}, "--format"), ({"threshold": 2.0}, "--threshold"),
+    ({"batch_size": 0}, "--batch-size"), ({"actor_resources": "{infer_node: 1}"}, "not JSON"),
+    ({"task_resources": '{"x": -1}'}, "positive numbers"),
+])
+def test_config_check_names_the_bad_option(change, message):
+    cfg = InferConfig(**{"input": "i", "output": "o", "weights": "w", **change})
+    with pytest.raises(ConfigError, match=message):
+        cfg.check()
+
+
+def test_config_parses_resources_json():
+    cfg = InferConfig(input="i", output="o", weights="w", actor_resources='{"infer_node": 1}')
+    assert cfg.resources("actor_resources") == {"infer_node": 1.0} and cfg.resources("task_resources") == {}
+
+
+def test_summary_line_adds_up_and_reports_throughput():
+    summary = InferSummary(written=7, skipped=2, failed=1, seconds=4.0, output="o", manifest=[], config="c", run_id="r")
+    assert summary.total == 10
+    assert summary.line() == "written 7, skipped 2, failed 1 of 10 in 4.0 s (2.00 images/s)"
+
+
+def test_infer_help_documents_the_gpu_options():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "jobs/infer.py", "--help"], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    for flag in ("--precision", "--channels-last", "--compile", "--batch-size", "--task-batch-size", "--verbose"):
+        assert flag in proc.stdout
+    with pytest.raises(ConfigError, match="--task-batch-size must be positive"):
+        InferConfig(input="x", output="y", weights="w", task_batch_size=0).check()
+
+
+def test_predictor_runs_bf16_and_channels_last_on_cpu_within_one_grey_level_of_fp32():
+    torch.manual_seed(0)
+    state = BASNet().eval().state_dict()
+    images = np.stack([resize_image(picture(40, 48, seed=i), 32) for i in range(3)])
+    batch = {"image": images, "status": strings(*["pending"] * 3), "error": strings("", "", ""),
+             "seconds": np.zeros(3)}
+    reference = MaskPredictor(state, device=torch.device("cpu"))(batch)["prob"]
+    for options in ({"precision": "bf16"}, {"channels_last": True}):
+        prob = MaskPredictor(state, device=torch.device("cpu"), **options)(batch)["prob"]
+        assert np.abs(np.rint(prob * 255) - np.rint(reference * 255)).mean() < 1.0, options
