@@ -53,8 +53,12 @@ def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
     if key and secret:
         kwargs.update(access_key=key, secret_key=secret,
                       session_token=os.environ.get("AWS_SESSION_TOKEN"))
-    # Small requests fail fast instead of retrying for minutes against a wrong endpoint.
+    # Small requests fail fast instead of retrying for minutes against a wrong endpoint, but one
+    # request may take long: completing the multipart upload of a 1 GB checkpoint assembles it
+    # server-side (minutes on a busy S3-compatible server). The SDK's default 3 s request timeout
+    # made such a completion time out, and its retry then failed for an upload already completed.
     kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=3)
+    kwargs.update(connect_timeout=10, request_timeout=600)
     return pafs.S3FileSystem(**kwargs)
 
 

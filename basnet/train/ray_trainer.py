@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +19,15 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig,
+    CheckpointUploadMode,
+    DataConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from basnet import storage
@@ -75,12 +82,15 @@ def _report(cfg: TrainConfig, m: dict, state: TrainingState, *, with_checkpoint:
     if not (with_checkpoint and rank == 0):
         ray.train.report(m)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, model_state=state.module.state_dict(), config=cfg.to_dict(), epoch=m["epoch"],
-                        metrics=m, optimizer_state=state.optimizer.state_dict(),
-                        scaler_state=state.scaler.state_dict() if state.scaler else None)
-        ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"epoch_{m['epoch']:04d}")
+    # Written once, straight into the run's folder (local or S3), then handed to Ray as it is: a
+    # temporary copy that Ray uploads again would write every ~1 GB checkpoint twice.
+    run = ray.train.get_context().get_storage()
+    checkpoint = ray.train.Checkpoint(path=f"{run.experiment_fs_path}/epoch_{m['epoch']:04d}",
+                                      filesystem=run.storage_filesystem)
+    save_checkpoint(checkpoint_uri(checkpoint), model_state=state.module.state_dict(), config=cfg.to_dict(),
+                    epoch=m["epoch"], metrics=m, optimizer_state=state.optimizer.state_dict(),
+                    scaler_state=state.scaler.state_dict() if state.scaler else None)
+    ray.train.report(m, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
 def per_worker_batch(global_batch: int, world_size: int, planned_workers: int) -> int:

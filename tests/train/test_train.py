@@ -145,24 +145,18 @@ def test_compiled_masking_equals_eager_masking_within_one_grey_level(sample_root
 
 
 @pytest.mark.ray
-def test_two_workers_with_fractional_cpus_end_with_identical_parameters(ray_session, tmp_path, sample_root):
-    from basnet.train.config import resolve_data
-    from basnet.train.ray_trainer import build_trainer, resolve_resources
-
-    cfg = resolve_resources(tiny_config(tmp_path, sample_root, epochs=1, num_workers=2, cpus_per_worker=0.5))
-    result = build_trainer(cfg, resolve_data(cfg)).fit()
-    digests = result.return_value["replica_digests"]
-    assert len(digests) == 2 and digests[0] == digests[1]
-
-
-@pytest.mark.ray
-def test_training_streams_data_from_s3_and_checkpoints_to_s3(ray_session, s3_bucket, sample_root, tmp_path):
+def test_two_workers_stream_from_s3_checkpoint_to_s3_and_end_with_identical_parameters(
+        ray_session, s3_bucket, sample_root, tmp_path):
+    # One run shows both: S3 data and checkpoints, and two workers (0.5 CPU each) in step.
     from basnet.train.ray_trainer import fit
 
     for uri in storage.list_files(sample_root):
         storage.write_bytes(f"{s3_bucket}/duts/{storage.relative_to(uri, sample_root)}", storage.read_bytes(uri))
-    cfg = tiny_config(tmp_path, f"{s3_bucket}/duts", storage=f"{s3_bucket}/runs", epochs=1)
+    cfg = tiny_config(tmp_path, f"{s3_bucket}/duts", storage=f"{s3_bucket}/runs", epochs=1, num_workers=2,
+                      cpus_per_worker=0.5)
     out = fit(cfg)
+    digests = out.loop_result["replica_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
     assert out.best_checkpoint == f"{s3_bucket}/runs/t/epoch_0001"
     assert len(out.split.train) == 16 and out.split.val_source == "DUTS-TE"
     model = load_model(out.best_checkpoint)
