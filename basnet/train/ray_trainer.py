@@ -87,7 +87,8 @@ def _report(cfg: TrainConfig, m: dict, state: TrainingState, *, with_checkpoint:
     run = ray.train.get_context().get_storage()
     checkpoint = ray.train.Checkpoint(path=f"{run.experiment_fs_path}/epoch_{m['epoch']:04d}",
                                       filesystem=run.storage_filesystem)
-    save_checkpoint(checkpoint_uri(checkpoint), model_state=state.module.state_dict(), config=cfg.to_dict(),
+    m = {**m, "checkpoint": checkpoint_uri(checkpoint)}  # where this epoch's weights are, for Tune and callers
+    save_checkpoint(m["checkpoint"], model_state=state.module.state_dict(), config=cfg.to_dict(),
                     epoch=m["epoch"], metrics=m, optimizer_state=state.optimizer.state_dict(),
                     scaler_state=state.scaler.state_dict() if state.scaler else None)
     ray.train.report(m, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
@@ -160,6 +161,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
     if state.epoch == 0:  # the untrained model's score, the baseline every later epoch is judged by
         _report(cfg, epoch_metrics(0, None, val_metrics(), device), state, with_checkpoint=False)
+    elif state.epoch >= cfg.epochs:
+        # Everything was done before a restart (a search killed after this run's last checkpoint
+        # but before it noted the end): report the last epoch again, so the caller sees its result.
+        ray.train.report(state.metrics)
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         rng = np.random.default_rng([cfg.seed, epoch, rank])  # new crops every epoch, the same on a re-run
         # drop_last: a last batch of one image would give BatchNorm a single value per channel.

@@ -188,7 +188,7 @@ def run_search(base: TrainConfig, search: SearchConfig, dims: dict[str, tuple[st
     analysis = ray.tune.ExperimentAnalysis(path, storage_filesystem=fs)
     keys = [k for k, (d, _) in dims.items() if d != "fixed"]
     outcome = SearchOutcome(experiment=exp, keys=keys,
-                            rows=trial_rows(analysis, keys, base.epochs, s3=storage.is_s3(exp)))
+                            rows=trial_rows(analysis, keys, base.epochs))
     sampled = {t.trial_id: t.config for t in analysis.trials}
     fixed = {k: v[0] for k, (d, v) in dims.items() if d == "fixed"}
     best_sampled = {**fixed, **sampled[outcome.best["trial_id"]]} if outcome.best else None

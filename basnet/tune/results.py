@@ -40,24 +40,26 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _trial_row(trial: Any, reports: list[dict], keys: list[str], epochs: int, s3: bool) -> dict:
-    """One trial: its sampled values, best checkpointed epoch, epochs run and status."""
-    scored = [r for r in reports if isinstance(r.get("checkpoint_path"), str) and _finite(r.get(METRIC))]
+def _trial_row(trial: Any, reports: list[dict], keys: list[str], epochs: int) -> dict:
+    """One trial: its sampled values, best checkpointed epoch, epochs run and status.
+
+    A checkpointed epoch's report carries its checkpoint's URI (``checkpoint``, from the training loop).
+    """
+    scored = [r for r in reports if isinstance(r.get("checkpoint"), str) and _finite(r.get(METRIC))]
     best = min(scored, key=lambda r: r[METRIC]) if scored else {}
     epochs_run = max((int(r["epoch"]) for r in reports if _finite(r.get("epoch"))), default=0)
     status = {"ERROR": "error", "TERMINATED": "done" if epochs_run >= epochs else "stopped"}.get(
         trial.status, trial.status.lower())
-    checkpoint = best.get("checkpoint_path")
     return {
         "trial_id": trial.trial_id,
         **{k: plain(trial.config.get(k)) for k in keys},
         "val_mae": best.get(METRIC), "val_max_f": best.get("val_max_f"),
         "best_epoch": int(best["epoch"]) if best else None, "epochs_run": epochs_run, "status": status,
-        "checkpoint": ("s3://" + checkpoint if s3 else checkpoint) if checkpoint else None,
+        "checkpoint": best.get("checkpoint"),
     }
 
 
-def trial_rows(analysis: Any, keys: list[str], epochs: int, *, s3: bool = False) -> list[dict]:
+def trial_rows(analysis: Any, keys: list[str], epochs: int) -> list[dict]:
     """Rows of the trials table from a Tune ``ExperimentAnalysis``, best validation MAE first.
 
     "stopped" is a trial the scheduler ended before ``epochs``; "error" one that failed.
@@ -66,7 +68,7 @@ def trial_rows(analysis: Any, keys: list[str], epochs: int, *, s3: bool = False)
     rows = []
     for trial in analysis.trials:
         frame = frames.get(trial.trial_id)
-        rows.append(_trial_row(trial, frame.to_dict("records") if frame is not None else [], keys, epochs, s3))
+        rows.append(_trial_row(trial, frame.to_dict("records") if frame is not None else [], keys, epochs))
     return sorted(rows, key=lambda r: (not _finite(r["val_mae"]), r["val_mae"] or 0.0, r["trial_id"]))
 
 

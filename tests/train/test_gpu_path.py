@@ -369,9 +369,17 @@ def test_default_gpu_workers_split_the_batch_equally(cluster, caplog):
     assert "training on 2" in caplog.text
 
 
-@pytest.mark.slow
-def test_compiled_training_steps_like_eager_training():
-    # torch.compile's inductor generates C++ for the forward and the backward: about 100 s here.
+def test_compiled_training_steps_like_eager_training(monkeypatch):
+    # The training path with --compile (compiled after DDP's wrap and the restore, a compiled
+    # forward and backward, the optimizer on the bare module's parameters), run through TorchDynamo
+    # and AOTAutograd with the aot_eager backend: inductor's C++ code generation for the backward
+    # alone takes about 100 s on these cores. Inductor itself is exercised on BASNet's forward by
+    # tests/train/test_train.py::test_compiled_masking_equals_eager_masking_within_one_grey_level.
+    import functools
+
+    import basnet.device
+
+    monkeypatch.setattr(basnet.device.torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     losses, moved = {}, {}
     for compiled in (False, True):
         state = build_training_state(tiny_cfg(compile=compiled), CPU)
