@@ -2,6 +2,8 @@
 
 Every user-facing error derives from ``UserError`` (a ``ValueError``), so ``main_guard`` catches
 that base alone: a missing file, a bad option, unpaired data, a foreign checkpoint or backbone.
+A job whose work failed (a broken model, storage that refuses every read, too many bad inputs)
+raises ``JobFailed``: one ``failed:`` line, exit status 1.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import functools
 import sys
 from typing import Callable
 
-__all__ = ["UserError", "ConfigError", "UsageError", "first_line", "main_guard"]
+__all__ = ["UserError", "ConfigError", "UsageError", "JobFailed", "first_line", "main_guard"]
 
 
 class UserError(ValueError):
@@ -25,6 +27,10 @@ class UsageError(UserError):
     """Inputs or a cluster that do not fit what the job was asked to do."""
 
 
+class JobFailed(RuntimeError):
+    """The job ran but its work failed or was stopped (not the user's arguments): exit status 1."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none)."""
     text = str(error).strip()
@@ -32,7 +38,8 @@ def first_line(error: BaseException) -> str:
 
 
 def main_guard(fn: Callable[..., int | None]) -> Callable[..., int]:
-    """Runs a job's main; a ``UserError`` becomes one line on stderr and exit status 2."""
+    """Runs a job's main: a ``UserError`` becomes one ``error:`` line on stderr and exit status 2, a
+    ``JobFailed`` one ``failed:`` line and exit status 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs) -> int:
@@ -41,5 +48,8 @@ def main_guard(fn: Callable[..., int | None]) -> Callable[..., int]:
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except JobFailed as exc:
+            print(f"failed: {exc}", file=sys.stderr)
+            return 1
 
     return wrapper

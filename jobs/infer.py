@@ -5,9 +5,13 @@
         --format rgba --actors 4 --num-gpus-per-actor 1 --batch-size 32
     ray job submit --working-dir . -- python jobs/infer.py --input s3://... --output s3://... --weights ...
 
-Re-running with the same --output skips inputs whose mask exists (--overwrite redoes them). Each
-run writes its manifest to <output>/_manifest/part-<run>-NNNN.parquet and its resolved config
-to <output>/_config/config-<run>.yaml.
+Re-running with the same --output skips inputs whose mask exists (--overwrite redoes them); --dry-run
+prints what a run would do. Each run writes its manifest to <output>/_manifest/part-<run>-NNNN.parquet
+and its resolved config to <output>/_config/config-<run>.yaml.
+
+Exit status: 0 when the run is done; 1 when it failed or was stopped (a model that keeps failing,
+storage that refuses access, more failed inputs than --max-failed-fraction, or none written);
+2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from basnet.config import parse_config  # noqa: E402
 from basnet.console import setup_logging  # noqa: E402
-from basnet.errors import main_guard  # noqa: E402
+from basnet.errors import JobFailed, main_guard  # noqa: E402
 from basnet.infer.config import InferConfig  # noqa: E402
 from basnet.infer.plan import plan_inference  # noqa: E402
 from basnet.ray_init import init_ray  # noqa: E402
@@ -30,12 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(InferConfig, argv, __doc__.splitlines()[0])
     setup_logging(cfg.verbose)
     plan = plan_inference(cfg)  # every argument error surfaces here, before Ray starts
-    if plan.items:  # a re-run of a finished job settles everything on the driver
-        init_ray(plan.config.address, verbose=cfg.verbose)
-    from basnet.infer.ray_pipeline import execute
+    init_ray(plan.config.address, verbose=cfg.verbose)
+    from basnet.infer.ray_pipeline import dry_run, execute
 
-    summary = execute(plan)
+    if cfg.dry_run:
+        print("\n".join(dry_run(plan).lines()), flush=True)
+        return 0
+    try:
+        summary = execute(plan)
+    except JobFailed:
+        print(f"manifest of what was done in {plan.output_root}/_manifest/ (run {plan.run_id})", flush=True)
+        raise
     print(summary.line(), flush=True)
+    print(summary.stages_line(), flush=True)
     print(f"masks in {summary.output}, manifest {', '.join(summary.manifest)}", flush=True)
     return 0
 

@@ -42,12 +42,20 @@ class InferConfig:
                                                   "has GPUs, else 0)", at_least=0)
     cpus_per_actor: float | None = option(None, "CPUs per model replica (default 1 with a GPU; without, "
                                               "its node's CPUs less the decode/write share)", positive=True)
+    actor_threads: int | None = option(None, "torch threads per model replica on CPU (default: its node's CPUs "
+                                             "shared among the node's replicas; with a GPU, its CPUs)",
+                                       positive=True)
     actor_resources: str | None = option(None, "custom Ray resources each model replica needs, as JSON, "
                                              "e.g. '{\"infer_node\": 1}' to pin replicas to tagged nodes")
     task_cpus: float = option(0.25, "CPUs per decode and per write task", positive=True)
     task_resources: str | None = option(None, "custom Ray resources per decode and write task, as JSON")
     max_pixels: int = option(64_000_000, "refuse (record as failed) images with more pixels than this",
                              positive=True)
+    max_failed_fraction: float = option(0.5, "stop with exit status 1 when more than this share of the inputs "
+                                              "tried failed (checked from 100 tried on, and at the end)",
+                                        within=(0, 1))
+    dry_run: bool = option(False, "list and plan only: print the counts (to mask, to skip, refused) and a "
+                                "few examples, without loading the model")
     overwrite: bool = option(False, "redo inputs whose output already exists (default: skip them)")
     root: str | None = option(None, "folder a manifest's paths are mirrored relative to (default: the "
                                   "manifest's folder if it holds them all, else their common folder)")

@@ -11,34 +11,32 @@ import io
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from basnet import storage
-from basnet.config import plain
-from basnet.infer.naming import printable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PENDING", "WRITTEN", "SKIPPED", "FAILED", "MANIFEST_DIR", "MANIFEST_SCHEMA", "failed_row",
-           "InferSummary", "ManifestWriter", "read_run_manifest", "Progress"]
+__all__ = ["PENDING", "WRITTEN", "SKIPPED", "FAILED", "STAGES", "MANIFEST_DIR", "MANIFEST_SCHEMA", "InferSummary",
+           "ManifestWriter", "read_run_manifest", "Progress"]
 
 PENDING, WRITTEN, SKIPPED, FAILED = "pending", "written", "skipped", "failed"
 MANIFEST_DIR = "_manifest"  # Parquet parts only, so pyarrow/Ray can read the folder as one table
 
+# Where an input's seconds went: listing, reading the bytes, decoding and resizing, its share of
+# the model's batch, resizing back and encoding the PNG, writing it.
+STAGES = ("list_s", "read_s", "decode_s", "infer_s", "encode_s", "write_s")
+
 MANIFEST_SCHEMA = pa.schema([
     ("input", pa.string()), ("output", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-    ("status", pa.string()), ("error", pa.string()), ("seconds", pa.float64()), ("run_id", pa.string()),
+    ("status", pa.string()), ("error", pa.string()), ("seconds", pa.float64()),
+    *[(stage, pa.float64()) for stage in STAGES], ("run_id", pa.string()),
 ])
-
-
-def failed_row(input_uri: str, error: str, output: str = "", seconds: float = 0.0) -> dict:
-    """A manifest row for an input that failed (or, with its status changed, was settled otherwise)."""
-    return {"input": printable(input_uri), "output": output, "width": 0, "height": 0,
-            "status": FAILED, "error": printable(error), "seconds": seconds}
 
 
 @dataclass
@@ -53,6 +51,7 @@ class InferSummary:
     manifest: list[str]
     config: str
     run_id: str
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # summed over inputs, per STAGES
 
     @property
     def total(self) -> int:
@@ -67,50 +66,81 @@ class InferSummary:
         return (f"written {self.written}, skipped {self.skipped}, failed {self.failed} of {self.total} "
                 f"in {self.seconds:.1f} s ({self.images_per_second:.2f} images/s)")
 
+    def stages_line(self) -> str:
+        """Where the time went, summed over inputs (stages overlap in a pipeline: the largest bounds it)."""
+        parts = ", ".join(f"{stage[:-2]} {self.stage_seconds.get(stage, 0.0):.1f} s" for stage in STAGES)
+        return f"stage seconds: {parts}"
+
 
 class ManifestWriter:
     """Collects manifest rows and writes them as Parquet parts ``_manifest/part-<run>-NNNN.parquet``.
 
-    Parts are flushed every ``rows_per_part`` rows, so the driver's memory stays bounded and a
-    killed run keeps the parts it flushed; the run id in the name means no run overwrites another's.
+    Rows are kept as Arrow record batches (about 200 bytes a row) and flushed every
+    ``rows_per_part`` rows, so the driver's memory stays bounded and a killed run keeps the parts
+    it flushed; the run id in the name means no run overwrites another's.
     """
 
     def __init__(self, output_root: str, run_id: str, *, rows_per_part: int = 100_000) -> None:
         self.folder = storage.join(output_root, MANIFEST_DIR)
         self.run_id, self.rows_per_part = run_id, rows_per_part
-        self.columns: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
+        self.pending: list[pa.RecordBatch] = []
+        self.pending_rows = 0
+        self.rows = 0
         self.counts = {WRITTEN: 0, SKIPPED: 0, FAILED: 0}
+        self.stage_seconds = dict.fromkeys(STAGES, 0.0)
         self.parts: list[str] = []
 
     def add(self, batch: dict[str, Iterable]) -> None:
-        """Adds rows given as columns (lists or arrays keyed by the manifest's column names)."""
-        for name in MANIFEST_SCHEMA.names:
-            if name != "run_id":
-                self.columns[name].extend(plain(v) for v in batch[name])
-        self.columns["run_id"].extend([self.run_id] * len(batch["status"]))
-        for value in batch["status"]:
-            self.counts[str(value)] = self.counts.get(str(value), 0) + 1
-        if len(self.columns["input"]) >= self.rows_per_part:
+        """Adds rows given as columns (arrays keyed by the manifest's column names; ``seconds`` is
+        the sum of the stage columns)."""
+        status = np.asarray(batch["status"]).astype(str)
+        n = len(status)
+        stages = {stage: np.asarray(batch[stage], dtype=np.float64) for stage in STAGES}
+        for stage, values in stages.items():
+            self.stage_seconds[stage] += float(values.sum())
+        values, counts = np.unique(status, return_counts=True)
+        for value, count in zip(values.tolist(), counts.tolist()):
+            self.counts[value] = self.counts.get(value, 0) + count
+        columns = {
+            "input": _strings(batch["input"]), "output": _strings(batch["output"], empty_is_null=True),
+            "width": _sizes(batch.get("width"), n), "height": _sizes(batch.get("height"), n),
+            "status": pa.array(status, pa.string()), "error": _strings(batch["error"], empty_is_null=True),
+            "seconds": pa.array(sum(stages.values()) if stages else np.zeros(n), pa.float64()),
+            **{stage: pa.array(values, pa.float64()) for stage, values in stages.items()},
+            "run_id": pa.array([self.run_id] * n, pa.string()),
+        }
+        self.pending.append(pa.RecordBatch.from_pydict(columns, schema=MANIFEST_SCHEMA))
+        self.pending_rows += n
+        self.rows += n
+        if self.pending_rows >= self.rows_per_part:
             self.flush()
 
     def flush(self) -> None:
-        cols = self.columns
-        cols["width"] = [v or None for v in cols["width"]]  # 0 = unknown (skipped, failed)
-        cols["height"] = [v or None for v in cols["height"]]
-        cols["error"] = [v or None for v in cols["error"]]
-        cols["output"] = [v or None for v in cols["output"]]
-        table = pa.table(cols, schema=MANIFEST_SCHEMA)
+        table = pa.Table.from_batches(self.pending, schema=MANIFEST_SCHEMA)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         uri = storage.join(self.folder, f"part-{self.run_id}-{len(self.parts):04d}.parquet")
         storage.write_bytes(uri, sink.getvalue().to_pybytes())
         self.parts.append(uri)
-        self.columns = {name: [] for name in MANIFEST_SCHEMA.names}
+        self.pending, self.pending_rows = [], 0
 
     def close(self) -> list[str]:
-        if self.columns["input"] or not self.parts:
+        if self.pending_rows or not self.parts:
             self.flush()
         return self.parts
+
+
+def _strings(values: Iterable, *, empty_is_null: bool = False) -> pa.Array:
+    items = [str(v) for v in np.asarray(values, dtype=object).tolist()]
+    return pa.array([v or None for v in items] if empty_is_null else items, pa.string())
+
+
+def _sizes(values: Iterable | None, n: int) -> pa.Array:
+    """Image sides; 0 (unknown: skipped, failed) becomes null."""
+    if values is None:
+        return pa.nulls(n, pa.int32())
+    array = np.asarray(values, dtype=np.int64)
+    return pa.array(array, pa.int32(), mask=array == 0)
 
 
 def read_run_manifest(summary: InferSummary) -> pa.Table:

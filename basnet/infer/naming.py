@@ -12,15 +12,18 @@ from __future__ import annotations
 
 from basnet import storage
 
-__all__ = ["UnsafeNameError", "safe_parts", "printable", "OutputNames", "canonical", "is_under", "output_uri"]
+__all__ = ["UnsafeNameError", "safe_parts", "clean_part", "printable", "OutputNames", "canonical", "is_under",
+           "output_uri"]
 
 
 class UnsafeNameError(ValueError):
     """An input name that cannot be mapped to an output path under ``--output``."""
 
 
-def _clean_part(part: str) -> str:
+def clean_part(part: str) -> str:
     """Control characters and undecodable bytes (surrogates from tar) become ``_``."""
+    if part.isprintable():  # the common case, checked in C
+        return part
     return "".join("_" if ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF else c
                    for c in part)
 
@@ -39,12 +42,16 @@ def safe_parts(name: str) -> list[str]:
         raise UnsafeNameError(f"unsafe name {printable(name)!r}: '..' would leave --output")
     if not parts:
         raise UnsafeNameError(f"unusable name {printable(name)!r}")
-    return [_clean_part(p) for p in parts]
+    return [clean_part(p) for p in parts]
 
 
 def printable(text: str) -> str:
     """A string that Arrow and terminals accept: undecodable bytes shown as ``\\xNN``."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:  # surrogates: bytes a tar member name or a file name could not decode
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class OutputNames:
@@ -60,10 +67,14 @@ class OutputNames:
             UnsafeNameError: Unsafe name, or both candidate names are taken.
         """
         parts = safe_parts(relative)
-        folder, name = parts[:-1], parts[-1]
+        return self.claim_in("/".join(parts[:-1]), parts[-1])
+
+    def claim_in(self, folder: str, name: str) -> str:
+        """:meth:`claim` for a name already made safe (one part of :func:`safe_parts`) in a folder
+        already made safe (its parts joined with ``/``; empty for the root)."""
         stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
         for candidate in (stem + ".png", name + ".png"):
-            path = "/".join([*folder, candidate])
+            path = f"{folder}/{candidate}" if folder else candidate
             if path not in self.taken:
                 self.taken.add(path)
                 return path

@@ -1,5 +1,10 @@
-"""Planning a bulk-masking run on the driver: everything that can fail on bad arguments is
-checked here, before any Ray work (inputs, outputs, weights, a writable ``--output``).
+"""Planning a bulk-masking run on the driver: every check that can fail on bad arguments, cheaply.
+
+The driver never lists the input and never loads the weights (``basnet.infer.ray_pipeline`` does
+both in Ray tasks): it checks that ``--input`` is what it claims to be, that ``--weights`` exists,
+and that ``--output`` is writable (by saving the run's config there), so a bad argument still
+fails in one line before any Ray work, and a million-image run starts in the same second as a
+ten-image one. No torch here: the driver stays small.
 """
 
 from __future__ import annotations
@@ -10,15 +15,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 import yaml
 
 from basnet import storage
-from basnet.errors import UsageError
-from basnet.infer.config import PUBLISHED_IMAGE_SIZE, InferConfig
-from basnet.infer.inputs import WorkItem, assign_outputs, collect_inputs
+from basnet.errors import JobFailed, UsageError, first_line
+from basnet.infer.config import InferConfig
+from basnet.infer.inputs import InputSpec, image_units, resolve_input
+from basnet.infer.monitor import storage_failure
 from basnet.infer.naming import canonical
-from basnet.transforms import IMAGE_SUFFIXES
 
 __all__ = ["CONFIG_DIR", "InferPlan", "new_run_id", "save_config", "plan_inference"]
 
@@ -27,38 +31,19 @@ CONFIG_DIR = "_config"
 
 @dataclass
 class InferPlan:
-    """What the driver decided before any Ray work: inputs, their outputs, the weights."""
+    """What the driver decided before any Ray work."""
 
-    config: InferConfig  # image_size resolved
+    config: InferConfig
     run_id: str
     output_root: str
-    items: list[WorkItem]
-    decided: list[dict]  # manifest rows settled on the driver: skipped or refused inputs
-    state_dict: dict[str, torch.Tensor]
+    input: InputSpec
     config_uri: str
-    has_shards: bool = False
-
-    @property
-    def known_total(self) -> int:
-        """Inputs known before the run (tar shards add their members as they are read)."""
-        return len(self.decided) + sum(item.kind == "image" for item in self.items)
+    units: list[dict] | None = None  # known listing units (an explicit image list); else found by a task
 
 
 def new_run_id() -> str:
     """Sortable by start time and unique, so a re-run never overwrites an earlier run's files."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-
-
-def _load_weights(cfg: InferConfig) -> tuple[dict[str, torch.Tensor], int]:
-    """Loads and checks the weights; returns the state dict and the inference size."""
-    from basnet.checkpoint import checkpoint_config, load_model
-
-    state = load_model(cfg.weights).state_dict()
-    size = cfg.image_size
-    if size is None:
-        trained = checkpoint_config(cfg.weights) or {}
-        size = int(trained.get("image_size") or PUBLISHED_IMAGE_SIZE)
-    return state, size
 
 
 def save_config(cfg: InferConfig, uri: str, run_id: str) -> None:
@@ -67,8 +52,18 @@ def save_config(cfg: InferConfig, uri: str, run_id: str) -> None:
     storage.write_bytes(uri, text.encode())
 
 
+def _check_weights(uri: str) -> None:
+    """Only that the weights exist (loading them is a Ray task's work; its errors come back as theirs)."""
+    try:
+        found = storage.exists(uri) or storage.is_dir(uri)
+    except OSError as exc:
+        raise storage_failure("--weights", uri, exc) from None
+    if not found:
+        raise UsageError(f"checkpoint not found: {uri} (pass a training checkpoint directory or a basnet.pth file)")
+
+
 def plan_inference(cfg: InferConfig, *, images: Sequence[str] | None = None) -> InferPlan:
-    """Everything that can fail on bad arguments, checked before any Ray work.
+    """Every check that can fail on bad arguments, before any Ray work and without listing.
 
     Args:
         cfg: The job's options.
@@ -76,24 +71,25 @@ def plan_inference(cfg: InferConfig, *, images: Sequence[str] | None = None) -> 
             their paths relative to ``cfg.root`` (or ``cfg.input`` when ``root`` is unset).
 
     Raises:
-        ConfigError, UsageError, CheckpointError: Bad options, missing input or unreadable
-            weights, or an output that cannot be written.
+        ConfigError, UsageError: Bad options, a missing input or weights, an unwritable output.
+        JobFailed: Storage refused access to the input, the weights or the output.
     """
     cfg = dataclasses.replace(cfg, input=cfg.input or cfg.root)
     cfg.check()
     output_root = canonical(cfg.output)
-    sources, root = collect_inputs(cfg, output_root, images)
-    if not sources:
-        raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) or .tar shards under {cfg.input}")
-    state, size = _load_weights(cfg)
-    cfg = dataclasses.replace(cfg, image_size=size)
+    spec = resolve_input(cfg, images)
+    if images is not None and not images:
+        raise UsageError("no images to mask")
+    _check_weights(cfg.weights)
     run_id = new_run_id()
     config_uri = storage.join(output_root, CONFIG_DIR, f"config-{run_id}.yaml")
-    try:
-        save_config(cfg, config_uri, run_id)  # doubles as the check that --output is writable
-        existing = set() if cfg.overwrite else set(storage.list_files(output_root, [".png"]))
-    except OSError as exc:
-        raise UsageError(f"cannot write to --output {cfg.output}: {str(exc).splitlines()[0]}") from None
-    items, decided = assign_outputs(sources, root, output_root, existing)
-    return InferPlan(cfg, run_id, output_root, items, decided, state, config_uri,
-                     has_shards=any(i.kind == "tar" for i in items))
+    if not cfg.dry_run:
+        try:
+            save_config(cfg, config_uri, run_id)  # doubles as the check that --output is writable
+        except OSError as exc:
+            failure = storage_failure("--output", cfg.output, exc)
+            if isinstance(failure, JobFailed):
+                raise failure from None
+            raise UsageError(f"cannot write to --output {cfg.output}: {first_line(exc)}") from None
+    units = image_units(images) if images is not None else None
+    return InferPlan(cfg, run_id, output_root, spec, config_uri, units)

@@ -1,19 +1,37 @@
-"""Stage 2 of bulk masking: the model, run by one actor per replica (needs torch)."""
+"""Stage 2 of bulk masking: the model, run by one actor per replica (needs torch).
+
+Out of memory is the batch's fault, not the model's: the predictor halves its batch and goes on
+(at the smaller size for the rest of its life), down to one image. Any other exception from the
+model is raised as ``ModelError`` (the job restarts the replica and then stops, naming the cause):
+recording it per image would make a broken model (a CUDA error, a driver mismatch) look like a
+collection of bad images.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 import torch
 
 from basnet.device import compile_model, memory_format, resolve_precision
-from basnet.infer.manifest import FAILED, PENDING
-from basnet.infer.naming import printable
+from basnet.infer.manifest import PENDING
 from basnet.model import BASNet
 from basnet.predict import predict_probabilities
 
-__all__ = ["MaskPredictor"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["MaskPredictor", "ModelError", "is_out_of_memory"]
+
+
+class ModelError(RuntimeError):
+    """The model failed on a batch for a reason other than its size."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA or CPU allocation failure (``torch.OutOfMemoryError``, or the CPU allocator's message)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
 
 
 class MaskPredictor:
@@ -25,13 +43,15 @@ class MaskPredictor:
         precision: ``--precision`` (auto: bf16 on GPUs that support it, fp16 on older ones, fp32 on CPU).
         channels_last: ``--channels-last`` (None: on GPUs).
         compile: ``--compile``: torch.compile the model.
+        image_size: The side of the decoded images (their bytes hold ``image_size**2 * 3`` values).
     """
 
     def __init__(self, state_dict: dict[str, torch.Tensor], *, device: torch.device, precision: str = "auto",
-                 channels_last: bool | None = None, compile: bool = False) -> None:
-        self.device = device
+                 channels_last: bool | None = None, compile: bool = False, image_size: int = 256) -> None:
+        self.device, self.size = device, image_size
         self.precision = resolve_precision(precision, device)
         self.memory_format = memory_format(channels_last, device)
+        self.max_batch: int | None = None  # lowered after an out-of-memory error
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every batch has the same input size
         with torch.device("meta"):  # no random init of 87 M parameters that are overwritten next
@@ -41,19 +61,36 @@ class MaskPredictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {k: v for k, v in batch.items() if k != "image"}
-        images = batch["image"]
-        out["prob"] = np.zeros(images.shape[:3], np.float32)
-        pending = np.asarray(batch["status"] == PENDING, dtype=bool)
-        if not pending.any():
-            return out
-        start = time.perf_counter()
-        try:
-            tensor = torch.from_numpy(np.ascontiguousarray(images[pending]))
-            prob = predict_probabilities(self.model, tensor, device=self.device, precision=self.precision,
-                                         memory_format=self.memory_format)
-            out["prob"][pending] = prob.numpy()
-        except Exception as exc:  # e.g. out of GPU memory: record the batch, keep the job going
-            out["status"] = np.where(pending, FAILED, out["status"]).astype(object)
-            out["error"] = np.where(pending, printable(f"model failed: {exc}"), out["error"]).astype(object)
-        out["seconds"] = out["seconds"] + pending * ((time.perf_counter() - start) / pending.sum())
-        return out
+        pending = np.flatnonzero(np.asarray(batch["status"] == PENDING, dtype=bool))
+        probs = np.full(len(batch["status"]), b"", dtype=object)
+        infer_s = np.zeros(len(probs))
+        if len(pending):
+            start = time.perf_counter()
+            images = np.stack([np.frombuffer(batch["image"][i], np.uint8).reshape(self.size, self.size, 3)
+                               for i in pending])
+            for i, prob in zip(pending, self.predict(images)):
+                probs[i] = prob.tobytes()
+            infer_s[pending] = (time.perf_counter() - start) / len(pending)
+        return {**out, "prob": probs, "infer_s": infer_s}
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """float32 (N, S, S) maps of uint8 (N, S, S, 3) images, in chunks the memory allows."""
+        maps, start = [], 0
+        while start < len(images):
+            size = min(self.max_batch or len(images), len(images) - start)
+            try:
+                maps.append(self._forward(images[start:start + size]))
+                start += size
+            except Exception as exc:
+                if not is_out_of_memory(exc) or size == 1:
+                    raise ModelError(f"{type(exc).__name__}: {exc}") from exc
+                self.max_batch = max(1, size // 2)
+                logger.warning("out of memory on a batch of %d images: going on with %d", size, self.max_batch)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        return np.concatenate(maps)
+
+    def _forward(self, images: np.ndarray) -> np.ndarray:
+        tensor = torch.from_numpy(np.ascontiguousarray(images))
+        return predict_probabilities(self.model, tensor, device=self.device, precision=self.precision,
+                                     memory_format=self.memory_format).numpy()

@@ -1,11 +1,19 @@
-"""Bulk masking on Ray Data: decode on CPU tasks, BASNet in an actor pool, encode and write on CPU tasks.
+"""Bulk masking on Ray Data: listing, decoding and writing in CPU tasks, BASNet in an actor pool.
 
-    items (from_items) -> decode_batch (CPU tasks) -> MaskPredictor (ActorPoolStrategy)
-                       -> write_batch (CPU tasks) -> manifest rows streamed back to the driver
+    units (one Ray task finds them) -> list_batch (CPU tasks, one unit each: rows as found)
+        -> decode_batch (CPU tasks) -> _PredictorActor (ActorPoolStrategy)
+        -> write_batch (CPU tasks) -> manifest rows streamed back to the driver
 
-Rows are small (a work item: a URI) until a decode task reads and decodes them, and every stage is
-streamed, so memory stays flat however many images there are. The driver only collects the
-manifest rows (flushed to Parquet parts as they come) and shows progress.
+The listing is split into units (``basnet.infer.inputs``: subfolder trees, groups of listed
+images) that tasks list in parallel, so the first masks are written while other folders are
+still being listed, and the driver holds counts, never lists: its memory is the same for a
+million inputs as for ten. The weights are loaded by a Ray task (the driver never imports
+torch) into the object store, from where each replica takes them once.
+
+A run stops with ``JobFailed`` (exit status 1) when it is broken rather than some inputs
+(``basnet.infer.monitor``), and when the model keeps failing: a model error restarts its replica
+(a fresh process, and on GPUs a fresh CUDA context) up to ``MODEL_RESTARTS`` times per run,
+after which the job ends naming the model's own error.
 
 Library use (the evaluation job masks DUTS-TE this way)::
 
@@ -21,27 +29,36 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import ray
 import ray.data
-import torch
 
-from basnet.infer.config import InferConfig
-from basnet.infer.manifest import InferSummary, ManifestWriter, Progress
+from basnet.errors import JobFailed, UsageError, UserError
+from basnet.infer.config import PUBLISHED_IMAGE_SIZE, InferConfig
+from basnet.infer.inputs import discover_units
+from basnet.infer.listing import list_batch
+from basnet.infer.manifest import FAILED, PENDING, SKIPPED, InferSummary, ManifestWriter, Progress
+from basnet.infer.monitor import RunMonitor, storage_failure
 from basnet.infer.plan import InferPlan, plan_inference, save_config
-from basnet.infer.predictor import MaskPredictor
 from basnet.infer.stages import decode_batch, write_batch
+from basnet.transforms import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_inference", "execute", "build_dataset", "resolve_resources"]
+__all__ = ["run_inference", "execute", "dry_run", "DryRun", "build_dataset", "resolve_resources",
+           "MODEL_RESTARTS"]
+
+MODEL_RESTARTS = 2  # replica restarts after model errors, per run, before the job fails
+_LIGHT = {"num_cpus": 0.1}  # the small driver-side tasks (units, weights)
 
 
 def run_inference(cfg: InferConfig, *, images: Sequence[str] | None = None) -> InferSummary:
-    """Masks a collection; joins or starts Ray if this process has not already and there is work.
+    """Masks a collection; joins or starts Ray if this process has not already.
 
     Args:
         cfg: The job's options (``basnet.infer.config.InferConfig``).
@@ -50,16 +67,16 @@ def run_inference(cfg: InferConfig, *, images: Sequence[str] | None = None) -> I
             ``<output>/a/x.png``.
 
     Returns:
-        Counts, the output root, the manifest parts and the saved config's URI.
+        Counts, stage seconds, the output root, the manifest parts and the saved config's URI.
 
     Raises:
-        ConfigError, UsageError, CheckpointError: Bad arguments (nothing is run).
+        ConfigError, UsageError, CheckpointError: Bad arguments.
+        JobFailed: The run failed or was stopped (see ``basnet.infer.monitor``).
     """
     from basnet.ray_init import init_ray
 
     plan = plan_inference(cfg, images=images)
-    if plan.items:
-        init_ray(plan.config.address)
+    init_ray(plan.config.address)
     return execute(plan)
 
 
@@ -68,98 +85,257 @@ def _alive_node_cpus() -> list[float]:
 
 
 def resolve_resources(cfg: InferConfig) -> InferConfig:
-    """Fills actors, GPUs and CPUs per actor from the cluster's resources.
+    """Fills actors, GPUs, CPUs and torch threads per actor from the cluster's resources.
 
-    With GPUs: one actor per GPU (or per ``--num-gpus-per-actor``), 1 CPU each. Without: one
-    actor per node, each with its node's CPUs less the decode and write share, since the model is
-    the bottleneck and an actor cannot span nodes.
+    With GPUs: one actor per GPU (or per ``--num-gpus-per-actor``), 1 CPU each. Without: one actor
+    per node; it reserves its node's CPUs less the decode and write share, and runs as many torch
+    threads as its node has CPUs (the model is the bottleneck; see docs/infer.md for the figures).
     """
     total = ray.cluster_resources()
     gpus = total.get("GPU", 0.0)
     num_gpus = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor is not None else (1.0 if gpus else 0.0)
     node_cpus = _alive_node_cpus() or [total.get("CPU", 1.0)]
     actors = cfg.actors or (max(1, int(gpus // num_gpus)) if num_gpus else len(node_cpus))
+    per_node = math.ceil(actors / len(node_cpus))  # actors spread evenly over the nodes
     cpus_per_actor = cfg.cpus_per_actor
     if cpus_per_actor is None:
-        per_node = math.ceil(actors / len(node_cpus))  # actors spread evenly over the nodes
         cpus_per_actor = 1.0 if num_gpus else max(1.0, min(node_cpus) / per_node - 2 * cfg.task_cpus)
-    return dataclasses.replace(cfg, actors=actors, num_gpus_per_actor=num_gpus, cpus_per_actor=cpus_per_actor)
+    threads = cfg.actor_threads or max(1, int(cpus_per_actor if num_gpus else min(node_cpus) / per_node))
+    return dataclasses.replace(cfg, actors=actors, num_gpus_per_actor=num_gpus, cpus_per_actor=cpus_per_actor,
+                               actor_threads=threads)
+
+
+@ray.remote(num_cpus=0)
+class _ModelHealth:
+    """Counts the model errors of a run's replicas (a restarted replica keeps no memory of its own)."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def failed(self, message: str) -> int:
+        self.errors.append(message)
+        return len(self.errors)
+
+    def last(self) -> str | None:
+        return self.errors[-1] if self.errors else None
 
 
 class _PredictorActor:
-    """The Ray actor around ``MaskPredictor``: gets the weights from the object store once."""
+    """The Ray actor around ``MaskPredictor`` (torch is imported here, never on the driver)."""
 
-    def __init__(self, weights: tuple, threads: int, options: dict) -> None:
+    predictor_class = None  # None: basnet.infer.predictor.MaskPredictor; tests swap in a broken model
+
+    def __init__(self, weights: tuple, health, threads: int, image_size: int, options: dict) -> None:
+        import torch
+
+        from basnet.infer.predictor import MaskPredictor
+
         # The reference arrives inside a tuple so Ray does not resolve it before the actor needs it.
         state = ray.get(weights[0])
         use_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-        device = torch.device("cuda" if use_gpu else "cpu")
         if not use_gpu:
-            # Ray sets OMP_NUM_THREADS=1 in workers; use the whole CPUs this actor reserved. Never
-            # more: an intra-op thread that loses its core stalls every op, and on 2 cores shared
-            # with the decode and write tasks 2 threads ran several times slower than 1.
-            torch.set_num_threads(threads)
-        self.predictor = MaskPredictor(state, device=device, **options)
+            torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers
+        cls = self.predictor_class or MaskPredictor
+        self.health = health
+        self.predictor = cls(state, device=torch.device("cuda" if use_gpu else "cpu"), image_size=image_size,
+                             **options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.predictor(batch)
+        from basnet.infer.predictor import ModelError
+
+        try:
+            return self.predictor(batch)
+        except ModelError as exc:
+            failures = ray.get(self.health.failed.remote(str(exc)))
+            logger.error("model error %d: %s", failures, exc)
+            if failures > MODEL_RESTARTS:
+                raise  # fails the dataset; the driver names this error
+            os._exit(1)  # a fresh process (and CUDA context): Ray restarts the actor and retries the batch
 
 
-def _num_blocks(n: int, batch_size: int) -> int:
-    """Several batches per block for throughput, enough blocks to spread and stream."""
-    return max(1, min(n, 1000, math.ceil(n / (4 * batch_size))))
+@ray.remote(num_returns=2, **_LIGHT)
+def _load_weights(uri: str, image_size: int | None):
+    """The state dict (into the object store) and the inference size (the checkpoint's training size
+    unless given)."""
+    from basnet.checkpoint import checkpoint_config, load_model
+
+    state = load_model(uri).state_dict()
+    if image_size is None:
+        trained = checkpoint_config(uri) or {}
+        image_size = int(trained.get("image_size") or PUBLISHED_IMAGE_SIZE)
+    return state, image_size
 
 
-def build_dataset(plan: InferPlan, cfg: InferConfig, weights_ref: ray.ObjectRef) -> ray.data.Dataset:
-    """The three-stage pipeline over the plan's work items; yields manifest rows."""
-    rows = [dataclasses.asdict(item) for item in plan.items]
-    task_args = {"num_cpus": cfg.task_cpus, "batch_format": "numpy", "batch_size": cfg.task_batch_size}
+@ray.remote(**_LIGHT)
+def _find_units(plan: InferPlan) -> list[dict]:
+    try:
+        return discover_units(plan.input, plan.output_root)
+    except OSError as exc:
+        raise storage_failure("--input", plan.input.uri, exc) from None
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The user or job error a Ray exception carries (from a task's cause chain), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, (UserError, JobFailed)):
+            return cause
+        if isinstance(exc, (UserError, JobFailed)) and not isinstance(exc, ray.exceptions.RayError):
+            return exc
+        exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
+    return None
+
+
+def _get(ref, *also_failed):
+    """``ray.get``, raising the user or job error a task raised as itself (one line, not a Ray
+    traceback). ``also_failed``: refs of the same task, fetched on failure so Ray does not report
+    their errors as unhandled."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as exc:
+        for other in also_failed:
+            try:
+                ray.get(other)
+            except ray.exceptions.RayError:
+                pass
+        if (error := _user_error(exc)) is not None:
+            raise error from None
+        raise
+
+
+def _units(plan: InferPlan) -> list[dict]:
+    return plan.units if plan.units is not None else _get(_find_units.remote(plan))
+
+
+def _task_args(cfg: InferConfig) -> dict:
+    args = {"num_cpus": cfg.task_cpus, "batch_format": "numpy"}
     if cfg.resources("task_resources"):
-        task_args["resources"] = cfg.resources("task_resources")
+        args["resources"] = cfg.resources("task_resources")
+    return args
+
+
+def _listed(plan: InferPlan, units: list[dict]) -> ray.data.Dataset:
+    """Units in, listed rows out: one task per unit (listing is cheap, so half a task's CPUs)."""
+    cfg = plan.config
+    args = {**_task_args(cfg), "num_cpus": cfg.task_cpus / 2}  # never fused into the decode stage
+    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    return ds.map_batches(list_batch, batch_size=1, fn_kwargs={
+        "root": plan.input.root, "root_given": plan.input.root_given or plan.input.kind != "manifest",
+        "output_root": plan.output_root, "overwrite": cfg.overwrite}, **args)
+
+
+def build_dataset(plan: InferPlan, units: list[dict], weights_ref: ray.ObjectRef, health) -> ray.data.Dataset:
+    """The four-stage pipeline (``plan.config`` resolved); yields manifest rows."""
+    cfg = plan.config
+    task_args = {**_task_args(cfg), "batch_size": cfg.task_batch_size}
     actor_args = {"num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.num_gpus_per_actor}
     if cfg.resources("actor_resources"):
         actor_args["resources"] = cfg.resources("actor_resources")
-    ds = ray.data.from_items(rows, override_num_blocks=_num_blocks(len(rows), cfg.task_batch_size))
-    ds = ds.map_batches(decode_batch, fn_kwargs={
+    ds = _listed(plan, units).map_batches(decode_batch, fn_kwargs={
         "size": cfg.image_size, "max_pixels": cfg.max_pixels, "keep_bytes": cfg.format == "rgba",
         "overwrite": cfg.overwrite, "batch_size": cfg.task_batch_size}, **task_args)
     options = {"precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile}
     ds = ds.map_batches(_PredictorActor, fn_constructor_kwargs={
-        "weights": (weights_ref,), "threads": max(1, int(cfg.cpus_per_actor)), "options": options},
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors), batch_size=cfg.batch_size,
+        "weights": (weights_ref,), "health": health, "threads": cfg.actor_threads, "image_size": cfg.image_size,
+        "options": options}, compute=ray.data.ActorPoolStrategy(size=cfg.actors), batch_size=cfg.batch_size,
         batch_format="numpy", **actor_args)
-    return ds.map_batches(write_batch, fn_kwargs={"fmt": cfg.format, "threshold": cfg.threshold}, **task_args)
+    return ds.map_batches(write_batch, fn_kwargs={"fmt": cfg.format, "threshold": cfg.threshold,
+                                                  "size": cfg.image_size}, **task_args)
 
 
-def _stream(plan: InferPlan, cfg: InferConfig, writer: ManifestWriter, progress: Progress) -> None:
-    """Runs the pipeline, feeding each finished batch's rows to the manifest and the progress line."""
-    # Held until the run ends: restarted actors (e.g. after losing a node) fetch the weights again.
-    weights_ref = ray.put(plan.state_dict)
-    for batch in build_dataset(plan, cfg, weights_ref).iter_batches(batch_size=None, batch_format="numpy"):
-        writer.add(batch)
-        progress.update(len(batch["status"]), writer.counts)
+def _no_inputs(plan: InferPlan) -> UsageError:
+    return UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) or .tar shards under {plan.config.input}")
 
 
 def execute(plan: InferPlan) -> InferSummary:
-    """Runs a plan on the Ray this process is connected to (none needed if nothing is left to do)."""
-    cfg = plan.config
-    if plan.items:  # with nothing left to do (a finished run again) Ray is not needed at all
-        cfg = resolve_resources(cfg)
-        save_config(cfg, plan.config_uri, plan.run_id)  # now with the resolved resources
-        logger.info("masking %s%d inputs into %s at %d px: %d actor(s), %.2g GPU and %.2g CPU each",
-                    "at least " if plan.has_shards else "", plan.known_total, plan.output_root,
-                    cfg.image_size, cfg.actors, cfg.num_gpus_per_actor, cfg.cpus_per_actor)
+    """Runs a plan on the Ray this process is connected to.
+
+    Raises:
+        UsageError, CheckpointError: The input holds no images, or the weights cannot be loaded.
+        JobFailed: The run failed or was stopped; its manifest holds every row seen until then.
+    """
     start = time.perf_counter()
+    cfg = plan.config
+    state_ref, size_ref = _load_weights.remote(cfg.weights, cfg.image_size)  # loads while the units are found
+    units = _units(plan)
+    cfg = resolve_resources(dataclasses.replace(cfg, image_size=_get(size_ref, state_ref)))
+    plan = dataclasses.replace(plan, config=cfg)
+    save_config(cfg, plan.config_uri, plan.run_id)  # now with the size and resources resolved
+    logger.info("masking %s into %s at %d px: %d listing unit(s), %d actor(s), %.2g GPU, %.2g CPU and "
+                "%d thread(s) each", cfg.input or f"{sum(len(u['uris']) for u in units)} images", plan.output_root,
+                cfg.image_size, len(units), cfg.actors, cfg.num_gpus_per_actor, cfg.cpus_per_actor,
+                cfg.actor_threads)
     writer = ManifestWriter(plan.output_root, plan.run_id)
-    progress = Progress(None if plan.has_shards else plan.known_total)
-    if plan.decided:
-        writer.add({k: [row[k] for row in plan.decided] for k in plan.decided[0]})
-        progress.update(len(plan.decided), writer.counts)
-    if plan.items:
-        _stream(plan, cfg, writer, progress)
-    progress.close()
-    parts = writer.close()
+    monitor, progress = RunMonitor(cfg.max_failed_fraction), Progress(None)
+    health = _ModelHealth.remote()
+    try:
+        for batch in build_dataset(plan, units, state_ref, health).iter_batches(batch_size=None,
+                                                                                batch_format="numpy"):
+            writer.add(batch)
+            progress.update(len(batch["status"]), writer.counts)
+            monitor.add(batch["status"], batch["error"])
+        if not writer.rows:
+            raise _no_inputs(plan)
+        monitor.finish()
+    except Exception as exc:
+        if isinstance(exc, (JobFailed, UserError)) and not isinstance(exc, ray.exceptions.RayError):
+            raise  # the monitor's own verdict
+        if (error := _user_error(exc)) is not None:  # a Ray or Ray Data error carrying a user's cause
+            raise error from None
+        if (model_error := ray.get(health.last.remote())) is not None:
+            raise JobFailed(f"the model failed {MODEL_RESTARTS + 1} times (replica restarted "
+                            f"{MODEL_RESTARTS} times): {model_error}") from None
+        raise
+    finally:
+        progress.close()
+        writer.close()
+        ray.kill(health)
     counts = writer.counts
     return InferSummary(written=counts.get("written", 0), skipped=counts.get("skipped", 0),
                         failed=counts.get("failed", 0), seconds=time.perf_counter() - start,
-                        output=plan.output_root, manifest=parts, config=plan.config_uri, run_id=plan.run_id)
+                        output=plan.output_root, manifest=writer.parts, config=plan.config_uri, run_id=plan.run_id,
+                        stage_seconds=dict(writer.stage_seconds))
+
+
+@dataclass
+class DryRun:
+    """What a run would do: counts of inputs by fate, and a few examples of each."""
+
+    to_mask: int = 0
+    shards: int = 0
+    to_skip: int = 0
+    refused: int = 0
+    seconds: float = 0.0
+    examples: dict[str, list[str]] = field(default_factory=lambda: {"mask": [], "skip": [], "refused": []})
+
+    def lines(self, limit: int = 3) -> list[str]:
+        shards = f" and {self.shards} tar shard(s) (their members are counted when read)" if self.shards else ""
+        head = (f"dry run: to mask {self.to_mask} image(s){shards}, to skip {self.to_skip} (mask exists), "
+                f"refused {self.refused}; listed in {self.seconds:.1f} s")
+        out = [head]
+        for fate, examples in self.examples.items():
+            out += [f"  {fate}: {example}" for example in examples[:limit]]
+        return out
+
+
+def dry_run(plan: InferPlan, *, examples: int = 3) -> DryRun:
+    """Lists and assigns outputs as a run would, without the model; nothing is written."""
+    start = time.perf_counter()
+    result = DryRun()
+    for batch in _listed(plan, _units(plan)).iter_batches(batch_size=None, batch_format="numpy"):
+        kinds, status = batch["kind"], batch["status"]
+        result.to_mask += int(np.sum(kinds == "image"))
+        result.shards += int(np.sum(kinds == "tar"))
+        result.to_skip += int(np.sum(status == SKIPPED))
+        result.refused += int(np.sum(status == FAILED))
+        for fate, rows in (("mask", np.flatnonzero(status == PENDING)), ("skip", np.flatnonzero(status == SKIPPED)),
+                           ("refused", np.flatnonzero(status == FAILED))):
+            for i in rows[: examples - len(result.examples[fate])]:
+                detail = batch["output"][i] if fate != "refused" else batch["error"][i]
+                result.examples[fate].append(f"{batch['input'][i]} -> {detail}")
+    result.seconds = time.perf_counter() - start
+    if not (result.to_mask or result.shards or result.to_skip or result.refused):
+        raise _no_inputs(plan)
+    return result

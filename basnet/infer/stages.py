@@ -1,73 +1,95 @@
 """The two CPU stages of bulk masking, as plain functions on numpy batches (no torch, no Ray).
 
-Stage 1, ``decode_batch``: work items in (an image URI, or a tar shard streamed front to back),
-decoded rows out, each image resized to the model's size; a file that cannot be read or decoded
-becomes a ``failed`` row instead of an exception. Stage 3, ``write_batch``: each pending row's map
-resized back to the image's original size, rendered (``basnet.transforms.render_output``) and
-written atomically. The model (stage 2) is ``basnet.infer.predictor.MaskPredictor``;
-``basnet.infer.ray_pipeline`` wires the three into a Ray Data pipeline.
+Stage 1, ``decode_batch``: listed rows in, decoded rows out; an image is read, decoded (EXIF
+applied) and resized to the model's side; a tar shard is streamed front to back and expanded into
+one row per member image. A file that cannot be read or decoded becomes a ``failed`` row instead of
+an exception. Stage 3, ``write_batch``: each pending row's map resized back to the image's original
+size, rendered (``basnet.transforms.render_output``) and written atomically.
+
+Pixels travel as bytes columns (``image``: the resized uint8 RGB; ``prob``: the float32 map), empty
+for rows that carry none (settled or failed ones), so a run that skips a million done inputs moves
+no pixels for them. Each stage adds its seconds to the row (``read_s``, ``decode_s``, ...): the
+manifest and the summary show where a run's time went. The model, stage 2, is
+``basnet.infer.predictor``; ``basnet.infer.ray_pipeline`` wires the three into a Ray Data pipeline.
 """
 
 from __future__ import annotations
 
 import tarfile
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from basnet import storage
-from basnet.infer.manifest import FAILED, PENDING, SKIPPED, WRITTEN, failed_row
+from basnet.errors import first_line
+from basnet.infer.manifest import FAILED, PENDING, SKIPPED, STAGES, WRITTEN
 from basnet.infer.naming import OutputNames, UnsafeNameError, output_uri, printable
 from basnet.transforms import ImageDecodeError, decode_image, has_image_suffix, render_output, resize_image
 
-__all__ = ["decode_batch", "write_batch"]
+__all__ = ["DECODED_COLUMNS", "decode_batch", "write_batch", "read_error"]
+
+DECODED_COLUMNS = ("input", "output", "status", "error", "width", "height", "image", "data", *STAGES)
+READ_ERROR = "cannot read: "  # how a read failure's error starts (the job watches for systemic ones)
 
 
-def _pending_row(input_uri: str, output: str, data: bytes, *, size: int, max_pixels: int,
-                 keep_bytes: bool, start: float) -> tuple[dict, np.ndarray | None]:
-    """Decodes one input; a failure becomes a failed row instead of an exception."""
+def read_error(exc: BaseException) -> str:
+    return READ_ERROR + first_line(exc)
+
+
+class _Rows:
+    """Decoded rows as columns, flushed every ``size`` rows."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.rows = size, []
+
+    def add(self, display: str, output: str, status: str, error: str = "", *, width: int = 0, height: int = 0,
+            image: bytes = b"", data: bytes = b"", list_s: float = 0.0, read_s: float = 0.0,
+            decode_s: float = 0.0) -> dict | None:
+        self.rows.append({"input": printable(display), "output": output, "status": status,
+                          "error": printable(error), "width": width, "height": height, "image": image,
+                          "data": data, "list_s": list_s, "read_s": read_s, "decode_s": decode_s, "infer_s": 0.0,
+                          "encode_s": 0.0, "write_s": 0.0})
+        return self.flush() if len(self.rows) >= self.size else None
+
+    def flush(self) -> dict[str, np.ndarray] | None:
+        if not self.rows:
+            return None
+        rows, self.rows = self.rows, []
+        batch = {key: np.array([r[key] for r in rows], dtype=object) for key in DECODED_COLUMNS}
+        for key in ("width", "height"):
+            batch[key] = batch[key].astype(np.int64)
+        for key in STAGES:
+            batch[key] = batch[key].astype(np.float64)
+        return batch
+
+
+def _decode_into(out: _Rows, display: str, output: str, data: bytes, *, size: int, max_pixels: int,
+                 keep_bytes: bool, list_s: float, read_s: float) -> dict | None:
+    start = time.perf_counter()
     try:
         image = decode_image(data, max_pixels=max_pixels)
+        resized = resize_image(image, size)
     except ImageDecodeError as exc:
-        return failed_row(input_uri, str(exc), output, time.perf_counter() - start), None
+        return out.add(display, output, FAILED, str(exc), list_s=list_s, read_s=read_s,
+                       decode_s=time.perf_counter() - start)
     height, width = image.shape[:2]
-    resized = resize_image(image, size)
-    row = {"input": printable(input_uri), "output": output, "width": width, "height": height,
-           "status": PENDING, "error": "", "seconds": time.perf_counter() - start,
-           "data": data if keep_bytes else b""}
-    return row, resized
+    return out.add(display, output, PENDING, width=width, height=height, image=resized.tobytes(),
+                   data=data if keep_bytes else b"", list_s=list_s, read_s=read_s,
+                   decode_s=time.perf_counter() - start)
 
 
-def _image_row(item: dict, **kwargs: Any) -> tuple[dict, np.ndarray | None]:
+def _image(out: _Rows, source: str, output: str, list_s: float, **kwargs) -> dict | None:
     start = time.perf_counter()
     try:
-        data = storage.read_bytes(item["source"])
-    except Exception as exc:  # one unreadable object must not fail the job
-        return failed_row(item["source"], f"cannot read: {exc}", item["output"],
-                          time.perf_counter() - start), None
-    return _pending_row(item["source"], item["output"], data, start=start, **kwargs)
+        data = storage.read_bytes(source)
+    except Exception as exc:  # one unreadable object must not fail the job (the job watches for all of them)
+        return out.add(source, output, FAILED, read_error(exc), list_s=list_s, read_s=time.perf_counter() - start)
+    return _decode_into(out, source, output, data, list_s=list_s, read_s=time.perf_counter() - start, **kwargs)
 
 
-def _tar_member_row(tar: tarfile.TarFile, member: tarfile.TarInfo, shard: str, names: OutputNames,
-                    folder: str, existing: set[str], **kwargs: Any) -> tuple[dict, np.ndarray | None]:
-    start = time.perf_counter()
-    display = f"{shard}#{member.name}"
-    try:
-        out = output_uri(folder, names.claim(member.name))
-    except UnsafeNameError as exc:
-        return failed_row(display, str(exc)), None
-    if out in existing:
-        return {**failed_row(display, ""), "output": out, "status": SKIPPED}, None
-    if not member.isfile():
-        return failed_row(display, "not a regular file in the tar (a link or device)", out), None
-    data = tar.extractfile(member).read()
-    return _pending_row(display, out, data, start=start, **kwargs)
-
-
-def _tar_rows(item: dict, *, overwrite: bool, **kwargs: Any) -> Iterator[tuple[dict, np.ndarray | None]]:
-    """Streams a shard once, front to back (no seeks, so S3 shards are read in one GET)."""
-    shard, folder = item["source"], item["output"]
+def _shard(out: _Rows, shard: str, folder: str, *, overwrite: bool, **kwargs) -> Iterator[dict]:
+    """Streams a shard once, front to back (no seeks, so an S3 shard is read in one GET)."""
     existing = set() if overwrite else set(storage.list_files(folder, [".png"]))
     names, seen = OutputNames(), 0
     try:
@@ -77,60 +99,69 @@ def _tar_rows(item: dict, *, overwrite: bool, **kwargs: Any) -> Iterator[tuple[d
                 if member.isdir() or not has_image_suffix(member.name):
                     continue  # webdataset shards also hold .json/.txt/.cls sidecars
                 seen += 1
-                yield _tar_member_row(tar, member, shard, names, folder, existing, **kwargs)
+                if (full := _member(out, tar, member, shard, names, folder, existing, **kwargs)) is not None:
+                    yield full
     except Exception as exc:  # truncated or corrupt shard: keep what was read, record the rest
-        yield failed_row(shard, f"unreadable tar shard after {seen} images: {exc}"), None
+        if (full := out.add(shard, "", FAILED, f"unreadable tar shard after {seen} images: {exc}")) is not None:
+            yield full
 
 
-def _batch_from_rows(rows: list[tuple[dict, np.ndarray | None]], size: int) -> dict[str, np.ndarray]:
-    """Columns for Ray Data; failed and skipped rows carry a zero image so the column stays dense."""
-    blank = np.zeros((size, size, 3), np.uint8)
-    batch = {key: np.array([r[key] for r, _ in rows], dtype=object)
-             for key in ("input", "output", "status", "error")}
-    batch["width"] = np.array([r["width"] for r, _ in rows], dtype=np.int64)
-    batch["height"] = np.array([r["height"] for r, _ in rows], dtype=np.int64)
-    batch["seconds"] = np.array([r["seconds"] for r, _ in rows], dtype=np.float64)
-    batch["data"] = np.array([r.get("data", b"") for r, _ in rows], dtype=object)
-    batch["image"] = np.stack([blank if image is None else image for _, image in rows])
-    return batch
+def _member(out: _Rows, tar: tarfile.TarFile, member: tarfile.TarInfo, shard: str, names: OutputNames,
+            folder: str, existing: set[str], **kwargs) -> dict | None:
+    display = f"{shard}#{member.name}"
+    try:
+        output = output_uri(folder, names.claim(member.name))
+    except UnsafeNameError as exc:
+        return out.add(display, "", FAILED, str(exc))
+    if output in existing:
+        return out.add(display, output, SKIPPED)
+    if not member.isfile():
+        return out.add(display, output, FAILED, "not a regular file in the tar (a link or device)")
+    start = time.perf_counter()
+    data = tar.extractfile(member).read()
+    return _decode_into(out, display, output, data, list_s=0.0, read_s=time.perf_counter() - start, **kwargs)
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, size: int, max_pixels: int, keep_bytes: bool,
                  overwrite: bool, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Stage 1: work items in, decoded rows out, at most ``batch_size`` rows per yielded batch.
+    """Stage 1: listed rows in, decoded rows out, at most ``batch_size`` rows per yielded batch.
 
     Each image is resized to ``size`` for the model; its original size (after EXIF rotation) is
     kept for the way back. Image bytes travel on only for ``--format rgba`` (``keep_bytes``).
+    Rows the listing settled (``kind`` empty: skipped, refused) pass through untouched.
     """
-    kwargs = {"size": size, "max_pixels": max_pixels, "keep_bytes": keep_bytes}
-    rows: list[tuple[dict, np.ndarray | None]] = []
-    for kind, source, output in zip(batch["kind"], batch["source"], batch["output"]):
-        item = {"source": str(source), "output": str(output)}
-        produced = ([_image_row(item, **kwargs)] if kind == "image"
-                    else _tar_rows(item, overwrite=overwrite, **kwargs))
-        for row in produced:
-            rows.append(row)
-            if len(rows) >= batch_size:
-                yield _batch_from_rows(rows, size)
-                rows = []
-    if rows:
-        yield _batch_from_rows(rows, size)
+    out, opts = _Rows(batch_size), {"size": size, "max_pixels": max_pixels, "keep_bytes": keep_bytes}
+    for i, kind in enumerate(batch["kind"]):
+        source, output, list_s = str(batch["source"][i]), str(batch["output"][i]), float(batch["list_s"][i])
+        if kind == "image":
+            full = [_image(out, source, output, list_s, **opts)]
+        elif kind == "tar":
+            full = _shard(out, source, output, overwrite=overwrite, **opts)
+        else:
+            full = [out.add(str(batch["input"][i]), output, str(batch["status"][i]), str(batch["error"][i]),
+                            list_s=list_s)]
+        yield from (b for b in full if b is not None)
+    if (rest := out.flush()) is not None:
+        yield rest
 
 
-def write_batch(batch: dict[str, np.ndarray], *, fmt: str, threshold: float) -> dict[str, np.ndarray]:
-    """Stage 3: writes each pending row's output atomically; returns the manifest columns."""
+def write_batch(batch: dict[str, np.ndarray], *, fmt: str, threshold: float, size: int) -> dict[str, np.ndarray]:
+    """Stage 3: writes each pending row's output atomically; returns the manifest's columns."""
     status = np.array(batch["status"], dtype=object)
     error = np.array(batch["error"], dtype=object)
-    seconds = np.array(batch["seconds"], dtype=np.float64)
+    encode_s, write_s = np.zeros(len(status)), np.zeros(len(status))
     for i in np.flatnonzero(status == PENDING):
         start = time.perf_counter()
         try:
-            png = render_output(batch["prob"][i], int(batch["height"][i]), int(batch["width"][i]),
-                                fmt=fmt, threshold=threshold, source=batch["data"][i])
+            prob = np.frombuffer(batch["prob"][i], dtype=np.float32).reshape(size, size)
+            png = render_output(prob, int(batch["height"][i]), int(batch["width"][i]), fmt=fmt, threshold=threshold,
+                                source=batch["data"][i])
+            encode_s[i] = time.perf_counter() - start
             storage.write_bytes(str(batch["output"][i]), png)
             status[i] = WRITTEN
         except Exception as exc:  # a failed PUT or encode is this input's failure only
             status[i], error[i] = FAILED, printable(f"cannot write: {exc}")
-        seconds[i] += time.perf_counter() - start
-    return {"input": batch["input"], "output": batch["output"], "width": batch["width"],
-            "height": batch["height"], "status": status, "error": error, "seconds": seconds}
+        write_s[i] = time.perf_counter() - start - encode_s[i]
+    out = {key: batch[key] for key in ("input", "output", "width", "height", "list_s", "read_s", "decode_s",
+                                       "infer_s")}
+    return {**out, "status": status, "error": error, "encode_s": encode_s, "write_s": write_s}

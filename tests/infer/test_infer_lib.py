@@ -13,10 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from basnet.errors import ConfigError, UsageError
+from basnet import storage
+from basnet.errors import ConfigError, JobFailed, UsageError
 from basnet.infer.config import InferConfig
-from basnet.infer.inputs import assign_outputs, collect_inputs, read_manifest
-from basnet.infer.manifest import InferSummary, ManifestWriter
+from basnet.infer.inputs import InputSpec, discover_units, image_units, read_manifest, resolve_input
+from basnet.infer.listing import assign_outputs, list_batch, unit_rows
+from basnet.infer.manifest import STAGES, InferSummary, ManifestWriter
+from basnet.infer.monitor import RunMonitor, is_systemic
 from basnet.infer.naming import OutputNames, UnsafeNameError, safe_parts
 from basnet.infer.predictor import MaskPredictor
 from basnet.infer.stages import decode_batch, write_batch
@@ -34,8 +37,11 @@ def strings(*values) -> np.ndarray:
 
 def decode_items(items: list[tuple[str, str, str]], *, size: int = 32, keep_bytes: bool = False,
                  overwrite: bool = False, batch_size: int = 64) -> list[dict]:
-    """Runs stage 1 on (kind, source, output) items; returns the rows as dicts."""
+    """Runs stage 1 on listed (kind, source, output) items; returns the rows as dicts."""
     batch = {k: np.array(v, dtype=object) for k, v in zip(("kind", "source", "output"), zip(*items))}
+    n = len(items)
+    batch.update(input=batch["source"], status=strings(*["pending"] * n), error=strings(*[""] * n),
+                 list_s=np.zeros(n))
     rows = []
     for out in decode_batch(batch, size=size, max_pixels=MAX_PIXELS, keep_bytes=keep_bytes,
                             overwrite=overwrite, batch_size=batch_size):
@@ -66,11 +72,15 @@ def test_output_names_keep_folders_and_give_colliding_stems_their_full_name():
 
 def test_assign_outputs_mirrors_paths_skips_existing_and_maps_shards_to_folders(tmp_path):
     root, out = str(tmp_path / "in"), str(tmp_path / "out")
+    (tmp_path / "out/b").mkdir(parents=True)
+    (tmp_path / "out/b/x.png").write_bytes(b"done")
     sources = [f"{root}/a/x.jpg", f"{root}/b/x.JPG", f"{root}/s/shard-1.tar", "/elsewhere/y.jpg"]
-    items, decided = assign_outputs(sources, root, out, existing={f"{out}/b/x.png"})
-    assert [(i.kind, i.output) for i in items] == [("image", f"{out}/a/x.png"), ("tar", f"{out}/s/shard-1")]
-    assert [(d["status"], d["output"]) for d in decided] == [("skipped", f"{out}/b/x.png"), ("failed", "")]
-    assert "not under the root" in decided[1]["error"]
+    rows = assign_outputs(sources, root, out, overwrite=False)
+    assert [(r["kind"], r["status"], r["output"]) for r in rows] == [
+        ("image", "pending", f"{out}/a/x.png"), ("", "skipped", f"{out}/b/x.png"),
+        ("tar", "pending", f"{out}/s/shard-1"), ("", "failed", "")]
+    assert "not under the root" in rows[3]["error"]
+    assert [r["status"] for r in assign_outputs(sources[:2], root, out, overwrite=True)] == ["pending"] * 2
 
 
 def test_read_manifest_resolves_relative_entries_and_ignores_comments(tmp_path):
@@ -87,28 +97,90 @@ def test_read_manifest_takes_the_path_column_of_a_parquet_file(tmp_path):
         read_manifest(str(tmp_path / "n.parquet"))
 
 
-def test_collect_inputs_lists_case_insensitively_and_leaves_out_the_output_folder(tmp_path):
-    for rel in ("a/X.JPG", "b/y.Png", "c/s.tar", "notes.txt", "masks/a/X.png"):
+def listed(unit: dict, root: str, output_root: str, *, root_given: bool = True,
+           overwrite: bool = False) -> list[dict]:
+    return [row for rows in unit_rows(unit, root=root, root_given=root_given, output_root=output_root,
+                                      overwrite=overwrite) for row in rows]
+
+
+def folder_rows(spec: InputSpec, output_root: str) -> list[dict]:
+    """Every row of a folder input, unit by unit, as the job's listing tasks find them."""
+    return [row for unit in discover_units(spec, output_root) for row in listed(unit, spec.root, output_root)]
+
+
+def test_folder_listing_is_case_insensitive_and_leaves_out_the_output_folder(tmp_path):
+    for rel in ("a/X.JPG", "b/y.Png", "c/s.tar", "notes.txt", "masks/a/X.png", ".hidden.jpg"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
     cfg = InferConfig(input=str(tmp_path), output=str(tmp_path / "masks"), weights="w")
-    sources, root = collect_inputs(cfg, str(tmp_path / "masks"), None)
-    assert [os.path.relpath(s, tmp_path) for s in sources] == ["a/X.JPG", "b/y.Png", "c/s.tar"]
-    assert root == str(tmp_path)
+    spec = resolve_input(cfg)
+    assert (spec.kind, spec.root) == ("folder", str(tmp_path))
+    rows = folder_rows(spec, str(tmp_path / "masks"))
+    assert sorted(os.path.relpath(r["source"], tmp_path) for r in rows) == ["a/X.JPG", "b/y.Png", "c/s.tar"]
+    assert {r["output"] for r in rows} == {str(tmp_path / "masks/a/X.png"), str(tmp_path / "masks/b/y.png"),
+                                          str(tmp_path / "masks/c/s")}
 
 
-def test_collect_inputs_reports_a_missing_input_as_a_usage_error(tmp_path):
+def test_folder_units_split_the_tree_and_give_the_same_rows_as_one_walk(tmp_path):
+    """Units never split a folder, so the collision rule (first in sorted order keeps x.png) and the
+    skip-existing rule give the same rows however the tree is split."""
+    for top in range(3):
+        for sub in range(12):
+            for name in ("x.jpg", "x.png", "y.webp"):
+                (tmp_path / f"in/t{top}/s{sub}").mkdir(parents=True, exist_ok=True)
+                (tmp_path / f"in/t{top}/s{sub}/{name}").write_bytes(b"x")
+    (tmp_path / "in/root.jpg").write_bytes(b"x")
+    (tmp_path / "out/t1/s3").mkdir(parents=True)
+    (tmp_path / "out/t1/s3/x.png").write_bytes(b"done")
+    root, out = str(tmp_path / "in"), str(tmp_path / "out")
+    units = discover_units(InputSpec("folder", root, root), out)
+    assert len(units) >= 32 and sum(u["recursive"] for u in units) >= 30
+    split = sorted((r["source"], r["output"], r["status"]) for u in units for r in listed(u, root, out))
+    whole = sorted((r["source"], r["output"], r["status"]) for r in listed(
+        {"kind": "folder", "uri": root, "recursive": True, "uris": []}, root, out))
+    assert split == whole and len(split) == 3 * 12 * 3 + 1
+    by_source = {os.path.relpath(s, root): (os.path.relpath(o, out), st) for s, o, st in split}
+    assert by_source["t0/s0/x.jpg"] == ("t0/s0/x.png", "pending")
+    assert by_source["t0/s0/x.png"] == ("t0/s0/x.png.png", "pending")
+    assert by_source["t1/s3/x.jpg"] == ("t1/s3/x.png", "skipped")
+
+
+def test_explicit_image_lists_become_units_of_whole_folders(tmp_path):
+    images = [f"/data/f{i // 600}/img{i}.jpg" for i in range(2400)]
+    units = image_units(images + images[:5])
+    assert sum(len(u["uris"]) for u in units) == 2400
+    assert all(len({os.path.dirname(x) for x in u["uris"]} & {os.path.dirname(x) for x in v["uris"]}) == 0
+               for u in units for v in units if u is not v)
+
+
+def test_list_batch_records_a_folder_that_cannot_be_listed_as_one_failed_row(tmp_path, monkeypatch):
+    def refuse(uri):
+        raise PermissionError(13, "Permission denied", uri)
+
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(storage, "list_folder", refuse)  # what a listing refused by the OS or S3 raises
+    batch = {"kind": strings("folder"), "uri": strings(str(tmp_path / "locked")), "recursive": np.array([True]),
+             "uris": strings([])}
+    out = list(list_batch(batch, root=str(tmp_path), root_given=True, output_root=str(tmp_path / "o"),
+                          overwrite=False))
+    assert len(out) == 1 and list(out[0]["status"]) == ["failed"]
+    assert out[0]["error"][0].startswith("cannot list: ") and "Permission denied" in out[0]["error"][0]
+    assert out[0]["input"][0] == str(tmp_path / "locked")
+
+
+def test_resolve_input_reports_a_missing_input_as_a_usage_error(tmp_path):
     cfg = InferConfig(input=str(tmp_path / "nope"), output=str(tmp_path / "o"), weights="w")
     with pytest.raises(UsageError, match="input not found"):
-        collect_inputs(cfg, str(tmp_path / "o"), None)
+        resolve_input(cfg)
 
 
 def test_manifest_root_is_the_entries_common_folder_when_the_manifest_lies_elsewhere(tmp_path):
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists/l.txt").write_text(f"{tmp_path}/photos/a/x.jpg\n{tmp_path}/photos/b/y.jpg\n")
     cfg = InferConfig(input=str(tmp_path / "lists/l.txt"), output=str(tmp_path / "o"), weights="w")
-    _, root = collect_inputs(cfg, str(tmp_path / "o"), None)
-    assert root == str(tmp_path / "photos")
+    spec = resolve_input(cfg)
+    rows = listed(discover_units(spec, str(tmp_path / "o"))[0], spec.root, str(tmp_path / "o"), root_given=False)
+    assert [r["output"] for r in rows] == [str(tmp_path / "o/a/x.png"), str(tmp_path / "o/b/y.png")]
 
 
 def test_decode_batch_keeps_original_size_and_records_every_bad_input_as_failed(tmp_path):
@@ -121,7 +193,7 @@ def test_decode_batch_keeps_original_size_and_records_every_bad_input_as_failed(
     rows = {os.path.relpath(r["input"], tmp_path): r for r in decode_items(items, batch_size=4)}
     for rel, (_, size) in valid_files().items():
         assert rows[rel]["status"] == "pending" and (rows[rel]["height"], rows[rel]["width"]) == size
-        assert rows[rel]["image"].shape == (32, 32, 3)
+        assert len(rows[rel]["image"]) == 32 * 32 * 3 and rows[rel]["read_s"] > 0 and rows[rel]["decode_s"] > 0
     errors = {rel: rows[rel]["error"] for rel in (*bad_files(), "missing.jpg")}
     assert all(rows[rel]["status"] == "failed" for rel in errors)
     assert "empty" in errors["bad/empty.jpg"] and "truncated" in errors["bad/truncated.jpg"].lower()
@@ -177,17 +249,24 @@ def test_render_output_gives_each_format_at_the_original_size():
     assert np.array_equal(np.asarray(rgba)[..., :3], decode_image(source))
 
 
+def stage_columns(n: int) -> dict[str, np.ndarray]:
+    return {stage: np.zeros(n) for stage in STAGES}
+
+
 def test_mask_predictor_matches_the_model_and_passes_failed_rows_through():
     torch.manual_seed(0)
     model = BASNet().eval()
     images = np.stack([resize_image(picture(40, 40, s), 32) for s in range(3)])
     batch = {"input": strings("a", "b", "c"), "status": strings("pending", "failed", "pending"),
-             "error": strings("", "bad", ""), "seconds": np.zeros(3), "image": images}
-    out = MaskPredictor(model.state_dict(), device=torch.device("cpu"))(batch)
+             "error": strings("", "bad", ""), **stage_columns(3),
+             "image": strings(images[0].tobytes(), b"", images[2].tobytes())}
+    out = MaskPredictor(model.state_dict(), device=torch.device("cpu"), image_size=32)(batch)
     direct = predict_probabilities(model, torch.from_numpy(images[[0, 2]]), device=torch.device("cpu")).numpy()
-    assert "image" not in out and out["prob"].shape == (3, 32, 32)
-    assert np.allclose(out["prob"][[0, 2]], direct, atol=1e-5) and not out["prob"][1].any()
-    assert list(out["status"]) == ["pending", "failed", "pending"] and out["seconds"][1] == 0
+    probs = [np.frombuffer(p, np.float32).reshape(32, 32) if p else None for p in out["prob"]]
+    assert "image" not in out and out["prob"][1] == b""
+    assert np.allclose(np.stack([probs[0], probs[2]]), direct, atol=1e-5)
+    assert list(out["status"]) == ["pending", "failed", "pending"]
+    assert out["infer_s"][1] == 0 and out["infer_s"][0] > 0
 
 
 def test_write_batch_writes_pending_rows_and_records_write_failures(tmp_path):
@@ -197,18 +276,20 @@ def test_write_batch_writes_pending_rows_and_records_write_failures(tmp_path):
              "output": strings(str(tmp_path / "o/a.png"), str(tmp_path / "file/b.png"), str(tmp_path / "o/c.png")),
              "width": np.array([20, 20, 0]), "height": np.array([10, 10, 0]),
              "status": strings("pending", "pending", "failed"), "error": strings("", "", "bad"),
-             "seconds": np.zeros(3), "data": strings(b"", b"", b""), "prob": prob}
-    out = write_batch(batch, fmt="mask", threshold=0.5)
+             **stage_columns(3), "data": strings(b"", b"", b""), "prob": strings(*(p.tobytes() for p in prob))}
+    out = write_batch(batch, fmt="mask", threshold=0.5, size=32)
     assert list(out["status"]) == ["written", "failed", "failed"] and "cannot write" in out["error"][1]
     with Image.open(tmp_path / "o/a.png") as written:
         assert written.size == (20, 10) and not (tmp_path / "o/c.png").exists()
-    assert set(out) == {"input", "output", "width", "height", "status", "error", "seconds"}
+    assert set(out) == {"input", "output", "width", "height", "status", "error", *STAGES}
+    assert out["encode_s"][0] > 0 and out["write_s"][0] > 0 and out["encode_s"][2] == 0
 
 
 def test_manifest_writer_flushes_numbered_parts_and_counts_statuses(tmp_path):
     writer = ManifestWriter(str(tmp_path), "run1", rows_per_part=2)
     rows = {"input": ["a", "b", "c"], "output": ["A", "", ""], "width": [3, 0, 0], "height": [4, 0, 0],
-            "status": ["written", "failed", "skipped"], "error": ["", "boom", ""], "seconds": [0.1, 0.0, 0.0]}
+            "status": ["written", "failed", "skipped"], "error": ["", "boom", ""],
+            **{stage: [0.1, 0.0, 0.0] for stage in STAGES}}
     writer.add({k: v[:2] for k, v in rows.items()})  # reaches rows_per_part: flushed
     writer.add({k: v[2:] for k, v in rows.items()})
     parts = writer.close()
@@ -219,6 +300,8 @@ def test_manifest_writer_flushes_numbered_parts_and_counts_statuses(tmp_path):
     assert table.column("output").to_pylist() == ["A", None, None]
     assert writer.counts == {"written": 1, "skipped": 1, "failed": 1}
     assert table.column("run_id").to_pylist() == ["run1"] * 3
+    assert table.column("seconds").to_pylist() == pytest.approx([0.1 * len(STAGES), 0.0, 0.0])
+    assert writer.stage_seconds == pytest.approx(dict.fromkeys(STAGES, 0.1)) and writer.rows == 3
 
 
 @pytest.mark.parametrize("change, message", [
@@ -260,9 +343,50 @@ def test_predictor_runs_bf16_and_channels_last_on_cpu_within_one_grey_level_of_f
     torch.manual_seed(0)
     state = BASNet().eval().state_dict()
     images = np.stack([resize_image(picture(40, 48, seed=i), 32) for i in range(3)])
-    batch = {"image": images, "status": strings(*["pending"] * 3), "error": strings("", "", ""),
-             "seconds": np.zeros(3)}
-    reference = MaskPredictor(state, device=torch.device("cpu"))(batch)["prob"]
+    batch = {"image": strings(*(i.tobytes() for i in images)), "status": strings(*["pending"] * 3),
+             "error": strings("", "", ""), **stage_columns(3)}
+
+    def predict(**options) -> np.ndarray:
+        out = MaskPredictor(state, device=torch.device("cpu"), image_size=32, **options)(batch)["prob"]
+        return np.stack([np.frombuffer(p, np.float32) for p in out])
+
+    reference = predict()
     for options in ({"precision": "bf16"}, {"channels_last": True}):
-        prob = MaskPredictor(state, device=torch.device("cpu"), **options)(batch)["prob"]
+        prob = predict(**options)
         assert np.abs(np.rint(prob * 255) - np.rint(reference * 255)).mean() < 1.0, options
+
+
+def monitor_batch(*rows: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    return strings(*(s for s, _ in rows)), strings(*(e for _, e in rows))
+
+
+def test_run_monitor_stops_at_ten_refused_reads_in_a_row_but_not_at_bad_images():
+    monitor = RunMonitor(max_failed_fraction=1.0)
+    denied = ("failed", "cannot read: AWS Error ACCESS_DENIED during GetObject operation: Access Denied")
+    monitor.add(*monitor_batch(*[("failed", "cannot decode: truncated")] * 50))  # bad images: go on
+    monitor.add(*monitor_batch(*[denied] * 9, ("written", ""), *[denied] * 9))  # a success breaks the run
+    with pytest.raises(JobFailed, match="stopped early: 10 reads in a row were refused .*Access Denied"):
+        monitor.add(*monitor_batch(denied))
+    assert not is_systemic("cannot read: [Errno 2] No such file or directory: 'x.jpg'")
+    assert is_systemic("cannot list: AWS Error NO_SUCH_BUCKET during ListObjectsV2 operation: NoSuchBucket")
+
+
+def test_run_monitor_checks_the_failed_share_from_100_tried_and_at_the_end():
+    monitor = RunMonitor(max_failed_fraction=0.5)
+    monitor.add(*monitor_batch(*[("failed", "cannot decode: x")] * 60, *[("skipped", "")] * 500))
+    monitor.add(*monitor_batch(*[("written", "")] * 39))  # 60 of 99 tried: not checked yet
+    with pytest.raises(JobFailed, match=r"stopped early: 60 of 100 inputs tried failed \(60%\), above "
+                                        r"--max-failed-fraction 0.5 \(first error: cannot decode: x\)"):
+        monitor.add(*monitor_batch(("written", "")))
+    small = RunMonitor(max_failed_fraction=0.5)
+    small.add(*monitor_batch(*[("failed", "e")] * 3, *[("written", "")] * 2))
+    with pytest.raises(JobFailed, match="^3 of 5 inputs tried failed"):
+        small.finish()
+    lenient = RunMonitor(max_failed_fraction=1.0)
+    lenient.add(*monitor_batch(("failed", "e"), ("written", "")))
+    lenient.finish()
+    nothing = RunMonitor(max_failed_fraction=1.0)
+    nothing.add(*monitor_batch(("failed", "e"), ("skipped", "")))
+    with pytest.raises(JobFailed, match="wrote no mask: all 1 inputs tried failed"):
+        nothing.finish()
+    assert nothing.counts == {"written": 0, "skipped": 1, "failed": 1}

@@ -1,0 +1,260 @@
+"""Bulk masking that knows when it is broken: exit status 1 and one line for the job's own failures,
+exit 0 for a run whose failures are some images', and counts that always add up."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from basnet import storage
+from basnet.infer import ray_pipeline
+from basnet.model import BASNet
+
+from conftest import load_job
+from infer_collection import encode, picture
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SIZE = 32
+
+pytestmark = pytest.mark.ray
+infer_job = load_job("infer")
+
+
+class BrokenModelActor(ray_pipeline._PredictorActor):
+    """The replica of a model that fails on every batch, as a CUDA fault or a driver mismatch does."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+
+        def broken(images):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        self.predictor._forward = broken
+
+
+class SmallMemoryActor(ray_pipeline._PredictorActor):
+    """A replica whose memory holds 2 images: larger batches raise the CPU allocator's error.
+    Each forward's batch size, and each refused one as its negative, is logged to ``log``."""
+
+    log = ""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        forward = self.predictor._forward
+
+        def limited(images):
+            with open(self.log, "a") as f:
+                f.write(f"{len(images) if len(images) <= 2 else -len(images)}\n")
+            if len(images) > 2:
+                raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                                   f"memory: you tried to allocate {len(images) << 28} bytes.")
+            return forward(images)
+
+        self.predictor._forward = limited
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("weights") / "basnet.pth")
+    torch.manual_seed(0)
+    torch.save(BASNet().state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def swap_actor(monkeypatch):
+    """Runs the job with a test's replica class (shipped to the workers by value, as it lives here)."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    def swap(cls):
+        monkeypatch.setattr(ray_pipeline, "_PredictorActor", cls)
+
+    yield swap
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def write_images(folder: str, n: int, *, corrupt: int = 0) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        data = encode(Image.fromarray(picture(40, 48, i)), "JPEG")
+        with open(os.path.join(folder, f"img{i:03d}.jpg"), "wb") as f:
+            f.write(data[: len(data) // 3] if i < corrupt else data)
+
+
+def run_job(args: list[str], capfd) -> tuple[int, list[str], str]:
+    """Runs jobs/infer.py's main in this process (the session's Ray); returns the exit status, the
+    stderr lines that are the job's own verdict (``error:``/``failed:``), and stdout."""
+    capfd.readouterr()
+    status = infer_job.main([*args, "--image-size", str(SIZE), "--batch-size", "8", "--task-batch-size", "4"])
+    out, err = capfd.readouterr()
+    return status, [line for line in err.splitlines() if line.startswith(("error:", "failed:"))], out
+
+
+def manifest_rows(output: str) -> list[dict]:
+    parts = storage.list_files(os.path.join(output, "_manifest"), [".parquet"])
+    return [row for part in parts for row in pq.read_table(part).to_pylist()]
+
+
+def counts_add_up(output: str, n: int) -> dict[str, int]:
+    rows = manifest_rows(output)
+    statuses = [r["status"] for r in rows]
+    counts = {s: statuses.count(s) for s in ("written", "skipped", "failed")}
+    assert len(rows) == n and sum(counts.values()) == n, counts
+    written = storage.list_files(output, [".png"])
+    assert len(written) == counts["written"]
+    return counts
+
+
+def test_a_model_that_fails_on_every_batch_exits_1_with_one_line_naming_the_error(
+        ray_session, weights, tmp_path, capfd, swap_actor):
+    swap_actor(BrokenModelActor)
+    write_images(str(tmp_path / "in"), 6)
+    status, verdict, out = run_job(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                                    "--weights", weights], capfd)
+    assert status == 1
+    assert len(verdict) == 1 and verdict[0].startswith("failed: the model failed 3 times"), verdict
+    assert "illegal memory access" in verdict[0]
+    assert not storage.list_files(str(tmp_path / "out"), [".png"])
+
+
+def test_out_of_memory_above_two_images_halves_the_batch_and_writes_every_mask(
+        ray_session, weights, tmp_path, capfd, swap_actor):
+    SmallMemoryActor.log = str(tmp_path / "batches.txt")
+    swap_actor(SmallMemoryActor)
+    write_images(str(tmp_path / "in"), 12)
+    status, verdict, out = run_job(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                                    "--weights", weights], capfd)
+    assert status == 0 and not verdict, verdict
+    assert "written 12, skipped 0, failed 0 of 12" in out
+    assert counts_add_up(str(tmp_path / "out"), 12)["written"] == 12
+    sizes = [int(line) for line in open(SmallMemoryActor.log).read().split()]
+    refused, done = [-s for s in sizes if s < 0], [s for s in sizes if s > 0]
+    assert refused and min(refused) > 2 and max(done) == 2 and sum(done) == 12, sizes
+
+
+@pytest.mark.parametrize("fraction, expected", [(None, 1), ("1", 0)])
+def test_sixty_percent_corrupt_files_exit_1_by_default_and_0_when_allowed(
+        fraction, expected, ray_session, weights, tmp_path, capfd):
+    write_images(str(tmp_path / "in"), 10, corrupt=6)
+    args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights", weights]
+    status, verdict, out = run_job(args + (["--max-failed-fraction", fraction] if fraction else []), capfd)
+    assert status == expected
+    counts = counts_add_up(str(tmp_path / "out"), 10)
+    assert counts == {"written": 4, "skipped": 0, "failed": 6}
+    if expected:
+        assert len(verdict) == 1 and "6 of 10 inputs tried failed (60%), above --max-failed-fraction 0.5" in verdict[0]
+    else:
+        assert "written 4, skipped 0, failed 6 of 10" in out and not verdict
+
+
+def test_a_run_that_wrote_nothing_while_inputs_failed_exits_1(ray_session, weights, tmp_path, capfd):
+    write_images(str(tmp_path / "in"), 3, corrupt=3)
+    status, verdict, _ = run_job(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                                  "--weights", weights, "--max-failed-fraction", "1"], capfd)
+    assert status == 1 and len(verdict) == 1 and verdict[0].startswith("failed: wrote no mask"), verdict
+    assert counts_add_up(str(tmp_path / "out"), 3)["failed"] == 3
+
+
+def test_dry_run_prints_the_counts_and_examples_without_the_model(ray_session, weights, tmp_path, capfd):
+    write_images(str(tmp_path / "in/a"), 5)
+    write_images(str(tmp_path / "in/b"), 2)
+    (tmp_path / "in/b/../b/x.JPG").write_bytes(b"x")  # a second image named x in b: no collision
+    os.makedirs(tmp_path / "out/a")
+    (tmp_path / "out/a/img000.png").write_bytes(b"done")
+    (tmp_path / "not-torch.pth").write_text("the model is never loaded")
+    status, verdict, out = run_job(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                                    "--weights", str(tmp_path / "not-torch.pth"), "--dry-run"], capfd)
+    assert status == 0 and not verdict
+    assert out.splitlines()[0].startswith("dry run: to mask 7 image(s), to skip 1 (mask exists), refused 0")
+    assert f"  mask: {tmp_path}/in/a/img001.jpg -> {tmp_path}/out/a/img001.png" in out
+    assert f"  skip: {tmp_path}/in/a/img000.jpg -> {tmp_path}/out/a/img000.png" in out
+    assert os.listdir(tmp_path / "out") == ["a"]  # nothing written: no config, no manifest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_with_auth(tmp_path):
+    """A second moto server that checks signatures (after the setup requests): a bucket with 4 images
+    and a user whose key is valid, so a wrong secret is the only fault."""
+    import boto3
+
+    setup_requests = 3 + 1 + 4  # user, policy, key; bucket; objects
+    port = free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(setup_requests)}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "moto server did not start"
+            time.sleep(0.2)  # polling a socket that has no event to await
+    try:
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
+        iam.create_user(UserName="masker")
+        iam.put_user_policy(UserName="masker", PolicyName="s3", PolicyDocument=(
+            '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}'))
+        key = iam.create_access_key(UserName="masker")["AccessKey"]
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket="photos")
+        for i in range(4):
+            s3.put_object(Bucket="photos", Key=f"in/img{i}.jpg", Body=encode(Image.fromarray(picture(40, 48, i)),
+                                                                               "JPEG"))
+        good = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                            aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
+        assert good.list_objects_v2(Bucket="photos", Prefix="in/")["KeyCount"] == 4  # the right secret works
+        yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_s3_input_with_a_wrong_secret_key_stops_early_with_exit_1_and_the_access_denied_cause(
+        s3_with_auth, weights, tmp_path):
+    endpoint, key_id, secret = s3_with_auth
+    env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key_id,
+           "AWS_SECRET_ACCESS_KEY": secret[::-1] + "x"}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "jobs/infer.py", "--input", "s3://photos/in", "--output",
+                           str(tmp_path / "out"), "--weights", weights, "--image-size", str(SIZE)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("failed: --input s3://photos/in: access refused"), proc.stderr
+    assert "SignatureDoesNotMatch" in lines[0] or "ACCESS_DENIED" in lines[0], lines[0]
+    assert not os.path.exists(tmp_path / "out")
+    print(f"wrong secret refused in {time.monotonic() - start:.1f} s")
+
+
+def test_counts_add_up_when_done_skipped_and_failed_inputs_mix(ray_session, weights, tmp_path, capfd):
+    write_images(str(tmp_path / "in"), 8, corrupt=2)
+    args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights", weights]
+    assert run_job(args, capfd)[0] == 0
+    for i in range(2, 8, 2):
+        os.remove(tmp_path / f"out/img{i:03d}.png")
+    status, verdict, out = run_job(args, capfd)
+    assert status == 0 and "written 3, skipped 3, failed 2 of 8" in out, out
+    rows = [r for r in manifest_rows(str(tmp_path / "out")) if r["run_id"] == manifest_rows(
+        str(tmp_path / "out"))[-1]["run_id"]]
+    assert sorted(r["status"] for r in rows) == ["failed"] * 2 + ["skipped"] * 3 + ["written"] * 3
+    assert all(np.isclose(r["seconds"], sum(r[s] for s in ("list_s", "read_s", "decode_s", "infer_s", "encode_s",
+                                                           "write_s"))) for r in rows)
