@@ -1,6 +1,7 @@
 """Throughput and memory of the bulk-masking job against a plain single-process loop.
 
-    python bench/infer_throughput.py                    # N=40 images of 64 px, model at 64 px
+    python bench/infer_throughput.py --n 400 --size 64 --image-size 64 --scale 0
+    python bench/infer_throughput.py --n 24 --size 256 --image-size 256 --scale 0
     python bench/infer_throughput.py --n 200 --size 256 --image-size 256 --batch-size 32   # on a GPU
 
 On the same N generated JPEGs it times (1) a plain loop that, one image after another, decodes
@@ -8,7 +9,10 @@ with PIL, runs the model, resizes the map back and writes the PNG, and (2) the R
 (``basnet.infer.ray_pipeline.run_inference``) on a local Ray, twice: on the freshly started Ray (cold:
 every worker process starts and imports torch) and again (warm: Ray's idle workers are reused;
 the model actor still starts anew, as in every run). Both are timed from loading the weights to
-the last PNG written. It then runs the job on 10 x N images and reports the peak memory of the
+the last PNG written. For each job run it prints the startup (seconds from the call to the first
+mask on disk, less the model time of that mask's batch) and the per-stage seconds summed over the
+images (stages overlap, so the largest bounds the run). With ``--scale`` above 0 it then runs the
+job on scale x N images and reports the peak memory of the
 whole Ray process tree (this driver and every process below it: GCS, raylet, workers) for the
 warm N run and the 10 x N run.
 Memory is the sum of PSS (proportional set size: shared pages such as torch's libraries and the
@@ -114,17 +118,44 @@ class TreeMemory:
         self._thread.join()
 
 
+class FirstMask:
+    """Seconds from start to the first PNG under a folder, polled in a thread."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.seconds = folder, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.start = time.perf_counter()
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self.seconds is None:
+            for _, _, files in os.walk(self.folder):
+                if any(f.endswith(".png") for f in files):
+                    self.seconds = time.perf_counter() - self.start
+                    break
+            self._stop.wait(0.02)  # polling a folder: a file appearing has no event to await
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def job(input_dir: str, out: str, weights: str, args: argparse.Namespace):
     from basnet.infer.ray_pipeline import run_inference
 
     cfg = InferConfig(input=input_dir, output=out, weights=weights, image_size=args.image_size,
-                      batch_size=args.batch_size, actors=args.actors)
+                      batch_size=args.batch_size, actors=args.actors, actor_threads=args.actor_threads)
     with TreeMemory() as memory:
+        first = FirstMask(out)
         start = time.perf_counter()
         summary = run_inference(cfg)
         seconds = time.perf_counter() - start
+        first.stop()
     assert summary.written == summary.total, summary.line()
-    return seconds, memory
+    batch_s = summary.stage_seconds.get("infer_s", 0.0) / max(summary.written, 1) * min(args.batch_size, summary.written)
+    startup = (first.seconds or seconds) - batch_s
+    return seconds, memory, startup, summary.stages_line()
 
 
 def parse_args() -> argparse.Namespace:
@@ -135,7 +166,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=64, help="model input side, a multiple of 32")
     parser.add_argument("--batch-size", type=int, default=8, help="the job's batch size")
     parser.add_argument("--actors", type=int, default=None, help="the job's model replicas (default: auto)")
-    parser.add_argument("--scale", type=int, default=10, help="the memory run uses scale x N images")
+    parser.add_argument("--actor-threads", type=int, default=None, help="the job's torch threads (default: auto)")
+    parser.add_argument("--scale", type=int, default=10, help="the memory run uses scale x N images (0: none)")
     parser.add_argument("--workdir", default=None, help="where images and masks go (default: a temp dir)")
     return parser.parse_args()
 
@@ -147,7 +179,8 @@ def main() -> None:
     weights = os.path.join(work, "basnet.pth")
     torch.save(BASNet().state_dict(), weights)
     small = make_images(os.path.join(work, "n"), args.n, args.size)
-    make_images(os.path.join(work, "n10"), args.n * args.scale, args.size)
+    if args.scale:
+        make_images(os.path.join(work, "n10"), args.n * args.scale, args.size)
 
     loads = []  # the 1-minute load average after each phase: other processes skew every figure
     loop_s = plain_loop(small, os.path.join(work, "loop"), weights, args.image_size)
@@ -156,13 +189,29 @@ def main() -> None:
 
     init_ray()
     idle_pss, idle_rss, idle_procs = TreeMemory().sample()
-    cold_s, _ = job(os.path.join(work, "n"), os.path.join(work, "job-cold"), weights, args)
+    cold_s, _, cold_start, cold_stages = job(os.path.join(work, "n"), os.path.join(work, "job-cold"), weights, args)
     loads.append(os.getloadavg()[0])
-    job_s, mem_n = job(os.path.join(work, "n"), os.path.join(work, "job-n"), weights, args)
+    job_s, mem_n, warm_start, warm_stages = job(os.path.join(work, "n"), os.path.join(work, "job-n"), weights, args)
     loads.append(os.getloadavg()[0])
-    job10_s, mem_10 = job(os.path.join(work, "n10"), os.path.join(work, "job-n10"), weights, args)
+    print(f"\nstartup (to the first mask, less its batch's model time): cold {cold_start:.1f} s, warm {warm_start:.1f} s")
+    print(f"cold {cold_stages}\nwarm {warm_stages}")
+    if not args.scale:
+        report_speed(args, (loop_s, cold_s, job_s), loads)
+        return
+    job10_s, mem_10, _, _ = job(os.path.join(work, "n10"), os.path.join(work, "job-n10"), weights, args)
     loads.append(os.getloadavg()[0])
     report(args, (loop_s, cold_s, job_s, job10_s), loads, (idle_pss, idle_rss, idle_procs), mem_n, mem_10)
+
+
+def report_speed(args: argparse.Namespace, seconds: tuple[float, float, float], loads: list[float]) -> None:
+    (loop_s, cold_s, job_s), n = seconds, args.n
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x {os.cpu_count()}"
+    print(f"\n{n} images of {args.size} px, model at {args.image_size} px, batch {args.batch_size}, {device}")
+    print(f"plain loop          : {loop_s:7.1f} s  {n / loop_s:7.2f} images/s              load {loads[0]:.1f}")
+    print(f"job, cold Ray       : {cold_s:7.1f} s  {n / cold_s:7.2f} images/s  ratio {loop_s / cold_s:.2f}x  "
+          f"load {loads[1]:.1f}")
+    print(f"job, warm Ray       : {job_s:7.1f} s  {n / job_s:7.2f} images/s  ratio {loop_s / job_s:.2f}x  "
+          f"load {loads[2]:.1f}")
 
 
 def report(args: argparse.Namespace, seconds: tuple[float, float, float, float], loads: list[float],

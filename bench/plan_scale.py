@@ -119,7 +119,6 @@ def run_job(tree: str, out: str, weights: str, watch: float, extra: list[str]) -
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     output = proc.stdout.read()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
     return {"seconds": time.perf_counter() - start, "first": first, "peak_mb": peak / 2**20, "ended": ended,
             "output": output}
 

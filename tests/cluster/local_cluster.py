@@ -9,7 +9,8 @@ one JSON reply per line on its stdout; closing stdin shuts the cluster down.
 
 Commands: ``{"op": "remove", "node_id": ID}`` kills every process of that worker node (the way a
 machine is lost); ``{"op": "add", "args": {...}}`` adds a worker node; ``{"op": "actors",
-"class_name": NAME}`` maps each live actor of that class to the node it runs on.
+"class_name": NAME}`` maps each live actor of that class to the node it runs on, and lists their
+process IDs.
 """
 
 from __future__ import annotations
@@ -117,6 +118,10 @@ class LocalCluster:
         """Every live actor of ``class_name``: actor ID -> the ID of the node it runs on."""
         return self._call(op="actors", class_name=class_name)["actors"]
 
+    def actor_pids(self, class_name: str) -> list[int]:
+        """The process IDs of every live actor of ``class_name`` (all nodes run on this machine)."""
+        return self._call(op="actors", class_name=class_name)["pids"]
+
     def close(self) -> None:
         if self._proc.poll() is None:
             self._proc.stdin.close()  # the child's cue to shut every node down
@@ -181,8 +186,9 @@ def _handle(cluster, nodes: dict, command: dict) -> dict:
         return {"node_id": node.node_id}
     if op == "actors":
         table = cluster.global_state.actor_table(None, actor_state_name="ALIVE")
-        return {"actors": {actor_id: a["Address"]["NodeID"] for actor_id, a in table.items()
-                           if a["ActorClassName"] == command["class_name"]}}
+        mine = {actor_id: a for actor_id, a in table.items() if a["ActorClassName"] == command["class_name"]}
+        return {"actors": {actor_id: a["Address"]["NodeID"] for actor_id, a in mine.items()},
+                "pids": [a["Pid"] for a in mine.values()]}
     raise ValueError(f"unknown command {op!r}")
 
 

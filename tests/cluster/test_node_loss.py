@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from local_cluster import ClusterSpec, LocalCluster
@@ -118,7 +119,7 @@ def test_training_resumes_from_its_last_checkpoint_on_the_node_left(two_worker_c
 
 # Ray Data names the actor class of a map_batches stage after the stage: one per model replica.
 MASK_WORKER = "MapWorker(MapBatches(_PredictorActor))"
-N_IMAGES = 60  # enough that the first masks appear well before the job's end
+N_IMAGES = 120  # enough that the first masks appear well before the job's end
 SUMMARY_LINE = re.compile(r"^written (\d+), skipped (\d+), failed (\d+) of (\d+) in", re.MULTILINE)
 
 
@@ -182,11 +183,14 @@ def _lose_a_node_mid_job(cluster: LocalCluster, proc: subprocess.Popen, out: Pat
     _wait_for(lambda: _masks(out), "the first masks", proc, log)
     cluster.remove_worker(cluster.worker_node_ids[1])
     assert proc.poll() is None, "the job ended before the node was lost:\n" + log.read_text()[-4000:]
+    survivors = cluster.actor_pids(MASK_WORKER)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    # The cluster ends a dead driver's actors and tasks; once its replica is gone, nothing of the
-    # first run writes any more.
+    # The cluster ends a dead driver's actors and tasks; once its replica's process is gone (CPU
+    # replicas write their own masks), nothing of the first run writes any more.
     _wait_for(lambda: not cluster.actors(MASK_WORKER), "the end of the first run's replica", None, log)
+    _wait_for(lambda: not any(psutil.pid_exists(pid) for pid in survivors), "the replica's process to exit",
+              None, log)
 
 
 @pytest.mark.slow
