@@ -153,7 +153,10 @@ def job(input_dir: str, out: str, weights: str, args: argparse.Namespace):
         seconds = time.perf_counter() - start
         first.stop()
     assert summary.written == summary.total, summary.line()
-    batch_s = summary.stage_seconds.get("infer_s", 0.0) / max(summary.written, 1) * min(args.batch_size, summary.written)
+    from basnet.infer.config import cpu_batch_size
+
+    batch = args.batch_size or (8 if torch.cuda.is_available() else cpu_batch_size(args.image_size))
+    batch_s = summary.stage_seconds.get("infer_s", 0.0) / max(summary.written, 1) * min(batch, summary.written)
     startup = (first.seconds or seconds) - batch_s
     return seconds, memory, startup, summary.stages_line()
 
@@ -164,7 +167,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=40, help="images in the timed comparison")
     parser.add_argument("--size", type=int, default=64, help="side of the generated images, px")
     parser.add_argument("--image-size", type=int, default=64, help="model input side, a multiple of 32")
-    parser.add_argument("--batch-size", type=int, default=8, help="the job's batch size")
+    parser.add_argument("--batch-size", type=int, default=None, help="the job's batch size (default: the job's)")
     parser.add_argument("--actors", type=int, default=None, help="the job's model replicas (default: auto)")
     parser.add_argument("--actor-threads", type=int, default=None, help="the job's torch threads (default: auto)")
     parser.add_argument("--scale", type=int, default=10, help="the memory run uses scale x N images (0: none)")
@@ -206,7 +209,8 @@ def main() -> None:
 def report_speed(args: argparse.Namespace, seconds: tuple[float, float, float], loads: list[float]) -> None:
     (loop_s, cold_s, job_s), n = seconds, args.n
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x {os.cpu_count()}"
-    print(f"\n{n} images of {args.size} px, model at {args.image_size} px, batch {args.batch_size}, {device}")
+    print(f"\n{n} images of {args.size} px, model at {args.image_size} px, batch {args.batch_size or 'auto'}, "
+          f"{device}")
     print(f"plain loop          : {loop_s:7.1f} s  {n / loop_s:7.2f} images/s              load {loads[0]:.1f}")
     print(f"job, cold Ray       : {cold_s:7.1f} s  {n / cold_s:7.2f} images/s  ratio {loop_s / cold_s:.2f}x  "
           f"load {loads[1]:.1f}")
@@ -218,7 +222,8 @@ def report(args: argparse.Namespace, seconds: tuple[float, float, float, float],
            idle: tuple[int, int, int], mem_n: TreeMemory, mem_10: TreeMemory) -> None:
     (loop_s, cold_s, job_s, job10_s), n, n10, gib = seconds, args.n, args.n * args.scale, 2.0 ** 30
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x {os.cpu_count()}"
-    print(f"\n{n} images of {args.size} px, model at {args.image_size} px, batch {args.batch_size}, {device}")
+    print(f"\n{n} images of {args.size} px, model at {args.image_size} px, batch {args.batch_size or 'auto'}, "
+          f"{device}")
     print(f"plain loop          : {loop_s:7.1f} s  {n / loop_s:7.2f} images/s              load {loads[0]:.1f}")
     print(f"job, cold Ray       : {cold_s:7.1f} s  {n / cold_s:7.2f} images/s  ratio {loop_s / cold_s:.2f}x  "
           f"load {loads[1]:.1f}")

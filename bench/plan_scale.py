@@ -3,7 +3,7 @@
     python bench/plan_scale.py --n 100000
     python bench/plan_scale.py --n 1000000 --watch 60
 
-Builds ``--n`` loose JPEGs (hard links to 4 small files, 1000 a folder; kept under ``--root`` for the
+Builds ``--n`` loose JPEGs (hard links to 64 small files, 1000 a folder; kept under ``--root`` for the
 next run), then runs ``jobs/infer.py`` as a user would (its own local Ray, the model at 32 px,
 random weights) and measures, in one run:
 
@@ -29,10 +29,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 PER_FOLDER = 1000
+SOURCES = 64
 
 
 def build_tree(root: str, n: int) -> str:
-    """``n`` hard links to 4 small JPEGs in folders of 1000; reused when already complete."""
+    """``n`` hard links to 64 small JPEGs in folders of 1000 (ext4 allows 65,000 links to a
+    file); reused when already complete."""
     from PIL import Image
 
     import numpy as np
@@ -43,10 +45,11 @@ def build_tree(root: str, n: int) -> str:
         return tree
     os.makedirs(tree, exist_ok=True)
     sources = []
-    for i in range(4):
+    for i in range(SOURCES):
         path = os.path.join(root, f"source{i}.jpg")
-        rng = np.random.default_rng(i)
-        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(path, quality=90)
+        if not os.path.exists(path):
+            rng = np.random.default_rng(i)
+            Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(path, quality=90)
         sources.append(path)
     start = time.perf_counter()
     for f in range((n + PER_FOLDER - 1) // PER_FOLDER):
@@ -55,7 +58,7 @@ def build_tree(root: str, n: int) -> str:
         for i in range(f * PER_FOLDER, min(n, (f + 1) * PER_FOLDER)):
             target = os.path.join(folder, f"img{i:07d}.jpg")
             if not os.path.exists(target):
-                os.link(sources[i % 4], target)
+                os.link(sources[i % SOURCES], target)
     open(done, "w").close()
     print(f"built {n} files in {time.perf_counter() - start:.0f} s under {tree}", flush=True)
     return tree

@@ -23,7 +23,7 @@ from basnet import storage
 logger = logging.getLogger(__name__)
 
 __all__ = ["PENDING", "WRITTEN", "SKIPPED", "FAILED", "STAGES", "MANIFEST_DIR", "MANIFEST_SCHEMA", "InferSummary",
-           "ManifestWriter", "read_run_manifest", "Progress"]
+           "ManifestWriter", "read_run_manifest", "Progress", "DryRun"]
 
 PENDING, WRITTEN, SKIPPED, FAILED = "pending", "written", "skipped", "failed"
 MANIFEST_DIR = "_manifest"  # Parquet parts only, so pyarrow/Ray can read the folder as one table
@@ -180,3 +180,24 @@ class Progress:
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
+
+
+@dataclass
+class DryRun:
+    """What a run would do: counts of inputs by fate, and a few examples of each."""
+
+    to_mask: int = 0
+    shards: int = 0
+    to_skip: int = 0
+    refused: int = 0
+    seconds: float = 0.0
+    examples: dict[str, list[str]] = field(default_factory=lambda: {"mask": [], "skip": [], "refused": []})
+
+    def lines(self, limit: int = 3) -> list[str]:
+        shards = f" and {self.shards} tar shard(s) (their members are counted when read)" if self.shards else ""
+        head = (f"dry run: to mask {self.to_mask} image(s){shards}, to skip {self.to_skip} (mask exists), "
+                f"refused {self.refused}; listed in {self.seconds:.1f} s")
+        out = [head]
+        for fate, examples in self.examples.items():
+            out += [f"  {fate}: {example}" for example in examples[:limit]]
+        return out

@@ -32,18 +32,19 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 import ray.data
 
+from basnet import storage
 from basnet.errors import JobFailed, UsageError, UserError
-from basnet.infer.config import PUBLISHED_IMAGE_SIZE, InferConfig
+from basnet.infer.config import PUBLISHED_IMAGE_SIZE, InferConfig, cpu_batch_size
 from basnet.infer.inputs import discover_units
 from basnet.infer.listing import list_batch
-from basnet.infer.manifest import FAILED, PENDING, SKIPPED, InferSummary, ManifestWriter, Progress
+from basnet.infer.manifest import FAILED, PENDING, SKIPPED, DryRun, InferSummary, ManifestWriter, Progress
 from basnet.infer.monitor import RunMonitor, storage_failure
 from basnet.infer.plan import InferPlan, plan_inference, save_config
 from basnet.infer.stages import decode_batch, write_batch
@@ -51,7 +52,7 @@ from basnet.transforms import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_inference", "execute", "dry_run", "DryRun", "build_dataset", "resolve_resources",
+__all__ = ["run_inference", "execute", "dry_run", "build_dataset", "resolve_resources",
            "MODEL_RESTARTS"]
 
 MODEL_RESTARTS = 2  # replica restarts after model errors, per run, before the job fails
@@ -86,7 +87,7 @@ def _alive_node_cpus() -> list[float]:
 
 
 def resolve_resources(cfg: InferConfig) -> InferConfig:
-    """Fills actors, GPUs, CPUs and torch threads per actor from the cluster's resources.
+    """Fills actors, GPUs, CPUs, torch threads and the batch per actor from the cluster's resources.
 
     With GPUs: one actor per GPU (or per ``--num-gpus-per-actor``), 1 CPU each. Without: one actor
     per node; it reserves its node's CPUs less the decode and write share, and runs as many torch
@@ -102,8 +103,9 @@ def resolve_resources(cfg: InferConfig) -> InferConfig:
     if cpus_per_actor is None:
         cpus_per_actor = 1.0 if num_gpus else max(1.0, min(node_cpus) / per_node - 2 * cfg.task_cpus)
     threads = cfg.actor_threads or max(1, int(cpus_per_actor if num_gpus else min(node_cpus) / per_node))
+    batch = cfg.batch_size or (8 if num_gpus else cpu_batch_size(cfg.image_size))
     return dataclasses.replace(cfg, actors=actors, num_gpus_per_actor=num_gpus, cpus_per_actor=cpus_per_actor,
-                               actor_threads=threads)
+                               actor_threads=threads, batch_size=batch)
 
 
 @ray.remote(num_cpus=0)
@@ -167,6 +169,28 @@ def _load_weights(uri: str, image_size: int | None):
         trained = checkpoint_config(uri) or {}
         image_size = int(trained.get("image_size") or PUBLISHED_IMAGE_SIZE)
     return state, image_size
+
+
+_loaded: dict[tuple, tuple[ray.ObjectRef, ray.ObjectRef]] = {}  # the last weights this driver loaded
+
+
+def _weights(cfg: InferConfig) -> tuple[ray.ObjectRef, ray.ObjectRef]:
+    """The state dict's and image size's refs, loaded once per driver, Ray session and weights
+    version: a second run in one process (a benchmark, a notebook, the evaluation of several
+    checkpoints) starts without reading and unpickling 350 MB again."""
+    key = (ray.get_runtime_context().get_job_id(), cfg.weights, cfg.image_size, _versions(cfg.weights))
+    if key not in _loaded:
+        _loaded.clear()  # only the latest: each holds 350 MB of the object store
+        _loaded[key] = tuple(_load_weights.remote(cfg.weights, cfg.image_size))
+    return _loaded[key]
+
+
+def _versions(uri: str) -> tuple:
+    """(size, mtime) of the file, or of every file of the checkpoint folder."""
+    fs, path = storage.filesystem(uri)
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True)) if storage.is_dir(uri) else [
+        fs.get_file_info(path)]
+    return tuple((info.path, info.size, info.mtime_ns) for info in found if info.type == pafs.FileType.File)
 
 
 @ray.remote(**_LIGHT)
@@ -302,7 +326,7 @@ def execute(plan: InferPlan) -> InferSummary:
     """
     start = time.perf_counter()
     cfg = plan.config
-    state_ref, size_ref = _load_weights.remote(cfg.weights, cfg.image_size)  # loads while the units are found
+    state_ref, size_ref = _weights(cfg)  # loads while the units are found
     units = _units(plan)
     # Waiting for the weights (loaded while the units were found) keeps a bad checkpoint a one-line
     # error; replicas started before would fail their start with Ray's tracebacks.
@@ -344,27 +368,6 @@ def execute(plan: InferPlan) -> InferSummary:
                         failed=counts.get("failed", 0), seconds=time.perf_counter() - start,
                         output=plan.output_root, manifest=writer.parts, config=plan.config_uri, run_id=plan.run_id,
                         stage_seconds=dict(writer.stage_seconds))
-
-
-@dataclass
-class DryRun:
-    """What a run would do: counts of inputs by fate, and a few examples of each."""
-
-    to_mask: int = 0
-    shards: int = 0
-    to_skip: int = 0
-    refused: int = 0
-    seconds: float = 0.0
-    examples: dict[str, list[str]] = field(default_factory=lambda: {"mask": [], "skip": [], "refused": []})
-
-    def lines(self, limit: int = 3) -> list[str]:
-        shards = f" and {self.shards} tar shard(s) (their members are counted when read)" if self.shards else ""
-        head = (f"dry run: to mask {self.to_mask} image(s){shards}, to skip {self.to_skip} (mask exists), "
-                f"refused {self.refused}; listed in {self.seconds:.1f} s")
-        out = [head]
-        for fate, examples in self.examples.items():
-            out += [f"  {fate}: {example}" for example in examples[:limit]]
-        return out
 
 
 def dry_run(plan: InferPlan, *, examples: int = 3) -> DryRun:
