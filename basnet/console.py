@@ -31,6 +31,7 @@ import os
 import re
 import sys
 import threading
+import warnings
 
 __all__ = ["RAY_NOISE", "setup_logging", "quiet_ray_console", "print_last"]
 
@@ -65,6 +66,10 @@ def quiet_ray_console() -> None:
     if _installed:
         return
     _installed = True
+    # The masking job caps its listing and decode pools on purpose (basnet.infer.ray_pipeline); on a
+    # run with fewer blocks than the cap, Ray Data warns that the cap cannot be reached.
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'MapBatches",
+                            category=UserWarning)
     os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", RAY_NOISE.pattern)
     os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
     _filter_native_stderr(RAY_NOISE)

@@ -341,9 +341,9 @@ def execute(plan: InferPlan) -> InferSummary:
     monitor, progress = RunMonitor(cfg.max_failed_fraction), Progress(None)
     health = _ModelHealth.remote()
     try:
-        with _block_size(cfg):
-            dataset = build_dataset(plan, units, state_ref, health)
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        with _block_size(cfg), contextlib.closing(iter(build_dataset(plan, units, state_ref, health).iter_batches(
+                batch_size=None, batch_format="numpy"))) as batches:  # closed: a stopped run shuts the pipeline down
+            for batch in batches:
                 writer.add(batch)
                 progress.update(len(batch["status"]), writer.counts)
                 monitor.add(batch["status"], batch["error"])

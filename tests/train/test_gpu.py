@@ -92,13 +92,11 @@ def test_bf16_masks_of_the_gpu_actor_are_within_one_grey_level_of_fp32_cpu_masks
                                         image_size=SIZE, precision="bf16", num_gpus_per_actor=1))
     rows = [r for r in read_run_manifest(summary).to_pylist() if r["status"] == "written"]
     assert rows and summary.failed == 0
-    cpu = MaskPredictor(state, device=torch.device("cpu"), precision="fp32")
+    cpu = MaskPredictor(state, device=torch.device("cpu"), precision="fp32", image_size=SIZE)
     diffs = []
     for row in rows:
         image = decode_image(storage.read_bytes(row["input"]))
-        batch = {"image": resize_image(image, SIZE)[None], "status": np.array(["pending"], dtype=object),
-                 "error": np.array([""], dtype=object), "seconds": np.zeros(1)}
-        prob = cpu(batch)["prob"][0]
+        prob = cpu.predict(resize_image(image, SIZE)[None])[0]
         expected = decode_mask(render_output(prob, image.shape[0], image.shape[1], fmt="mask")).astype(np.int16)
         diffs.append(np.abs(decode_mask(storage.read_bytes(row["output"])).astype(np.int16) - expected))
     mean = float(np.mean([d.mean() for d in diffs]))

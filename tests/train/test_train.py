@@ -94,13 +94,11 @@ def sample_masks(sample_root: str, weights_state: dict, **options) -> list[np.nd
     from basnet.infer.predictor import MaskPredictor
     from basnet.transforms import render_output
 
-    predictor = MaskPredictor(weights_state, device=torch.device("cpu"), **options)
+    predictor = MaskPredictor(weights_state, device=torch.device("cpu"), image_size=32, **options)
     masks = []
     for uri in storage.list_files(storage.join(sample_root, "DUTS-TE", "DUTS-TE-Image")):
         image = decode_image(storage.read_bytes(uri))
-        batch = {"image": resize_image(image, 32)[None], "status": np.array(["pending"], dtype=object),
-                 "error": np.array([""], dtype=object), "seconds": np.zeros(1)}
-        prob = predictor(batch)["prob"][0]
+        prob = predictor.predict(resize_image(image, 32)[None])[0]
         masks.append(decode_mask(render_output(prob, image.shape[0], image.shape[1], fmt="mask")).astype(np.int16))
     return masks
 
