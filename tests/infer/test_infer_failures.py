@@ -242,7 +242,12 @@ def test_s3_input_with_a_wrong_secret_key_stops_early_with_exit_1_and_the_access
     assert len(lines) == 1 and lines[0].startswith("failed: --input s3://photos/in: access refused"), proc.stderr
     assert "SignatureDoesNotMatch" in lines[0] or "ACCESS_DENIED" in lines[0], lines[0]
     assert not os.path.exists(tmp_path / "out")
-    print(f"wrong secret refused in {time.monotonic() - start:.1f} s")
+    print(f"wrong secret refused in {time.monotonic() - start:.1f} s: {lines[0]}")
+    right = subprocess.run([sys.executable, "jobs/infer.py", "--input", "s3://photos/in", "--output",
+                            str(tmp_path / "out"), "--weights", weights, "--dry-run"],
+                           cwd=REPO, env={**env, "AWS_SECRET_ACCESS_KEY": secret}, capture_output=True, text=True,
+                           timeout=300)
+    assert right.returncode == 0 and "to mask 4 image(s)" in right.stdout, right.stderr  # the secret was the fault
 
 
 def test_counts_add_up_when_done_skipped_and_failed_inputs_mix(ray_session, weights, tmp_path, capfd):
