@@ -126,8 +126,6 @@ class _ModelHealth:
 class _PredictorActor:
     """The Ray actor around ``MaskPredictor`` (torch is imported here, never on the driver)."""
 
-    predictor_class = None  # None: basnet.infer.predictor.MaskPredictor; tests swap in a broken model
-
     def __init__(self, weights: tuple, health, threads: int, image_size: int, options: dict,
                  write: dict | None = None) -> None:
         import torch
@@ -139,10 +137,9 @@ class _PredictorActor:
         use_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         if not use_gpu:
             torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers
-        cls = self.predictor_class or MaskPredictor
         self.health, self.write = health, write
-        self.predictor = cls(state, device=torch.device("cuda" if use_gpu else "cpu"), image_size=image_size,
-                             **options)
+        self.predictor = MaskPredictor(state, device=torch.device("cuda" if use_gpu else "cpu"),
+                                       image_size=image_size, **options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from basnet.infer.predictor import ModelError
