@@ -220,15 +220,8 @@ def report_speed(args: argparse.Namespace, seconds: tuple[float, float, float], 
 
 def report(args: argparse.Namespace, seconds: tuple[float, float, float, float], loads: list[float],
            idle: tuple[int, int, int], mem_n: TreeMemory, mem_10: TreeMemory) -> None:
-    (loop_s, cold_s, job_s, job10_s), n, n10, gib = seconds, args.n, args.n * args.scale, 2.0 ** 30
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x {os.cpu_count()}"
-    print(f"\n{n} images of {args.size} px, model at {args.image_size} px, batch {args.batch_size or 'auto'}, "
-          f"{device}")
-    print(f"plain loop          : {loop_s:7.1f} s  {n / loop_s:7.2f} images/s              load {loads[0]:.1f}")
-    print(f"job, cold Ray       : {cold_s:7.1f} s  {n / cold_s:7.2f} images/s  ratio {loop_s / cold_s:.2f}x  "
-          f"load {loads[1]:.1f}")
-    print(f"job, warm Ray       : {job_s:7.1f} s  {n / job_s:7.2f} images/s  ratio {loop_s / job_s:.2f}x  "
-          f"load {loads[2]:.1f}")
+    (loop_s, cold_s, job_s, job10_s), n10, gib = seconds, args.n * args.scale, 2.0 ** 30
+    report_speed(args, (loop_s, cold_s, job_s), loads)
     print(f"job, {n10:5d} images : {job10_s:7.1f} s  {n10 / job10_s:7.2f} images/s              load {loads[3]:.1f}")
     print(f"memory (PSS sum): idle Ray {idle[0] / gib:.2f} GiB, peak N {mem_n.peak_pss / gib:.2f} GiB, "
           f"peak {args.scale}xN {mem_10.peak_pss / gib:.2f} GiB, ratio {mem_10.peak_pss / mem_n.peak_pss:.2f}")

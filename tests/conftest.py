@@ -84,6 +84,20 @@ def s3_bucket(s3_server, request):
 
 
 @pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> str:
+    """Random BASNet weights in the published basnet.pth's format, written once per session (the
+    masking tests' model; a test module may define its own ``weights``)."""
+    import torch
+
+    from basnet.model import BASNet
+
+    path = str(tmp_path_factory.mktemp("weights") / "basnet.pth")
+    torch.manual_seed(0)
+    torch.save(BASNet().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> str:
     """The embedded sample, generated once per session, small."""
     from basnet.data.sample import generate_sample

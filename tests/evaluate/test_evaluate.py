@@ -6,14 +6,13 @@ import io
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import py_sod_metrics
 import pytest
 from PIL import Image
+from pysod_reference import pysod_metrics
 from scipy import ndimage
 
 from basnet import storage
@@ -68,22 +67,6 @@ def _files(generated: Path, folder: str) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(_load(generated / folder / m.name), _load(m)) for m in masks]
 
 
-def _pysod(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-    """pysodmetrics used directly, the way its README shows, over the same files."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fm = py_sod_metrics.Fmeasure()
-    mae, sm, em, wfm = (py_sod_metrics.MAE(), py_sod_metrics.Smeasure(), py_sod_metrics.Emeasure(),
-                        py_sod_metrics.WeightedFmeasure())
-    for pred, gt in pairs:
-        for metric in (fm, mae, sm, em, wfm):
-            metric.step(pred=pred, gt=gt)
-    f, e = fm.get_results()["fm"], em.get_results()["em"]
-    return {"mae": mae.get_results()["mae"], "max_f": f["curve"].max(), "mean_f": f["curve"].mean(),
-            "adaptive_f": f["adp"], "s_measure": sm.get_results()["sm"], "max_e": e["curve"].max(),
-            "mean_e": e["curve"].mean(), "adaptive_e": e["adp"], "weighted_f": wfm.get_results()["wfm"]}
-
-
 def _boundary(mask: np.ndarray) -> np.ndarray:
     """mask XOR its 3x3 erosion, outside the image counting as background."""
     h, w = mask.shape
@@ -126,7 +109,7 @@ def report(generated, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_metrics_json_equals_pysodmetrics_on_the_same_files(generated, report):
     _, doc = report
-    expected = _pysod(_files(generated, "pred"))
+    expected, _ = pysod_metrics(_files(generated, "pred"))
     assert set(doc["metrics"]) == set(METRIC_KEYS)
     for key, value in expected.items():
         assert doc["metrics"][key] == pytest.approx(float(value), rel=1e-12, abs=1e-12), key

@@ -23,7 +23,6 @@ from basnet.checkpoint import load_model
 from basnet.infer.config import InferConfig
 from basnet.infer.manifest import read_run_manifest
 from basnet.infer.ray_pipeline import run_inference
-from basnet.model import BASNet
 from basnet.predict import predict_probabilities
 from basnet.transforms import decode_image, resize_image, resize_mask
 
@@ -33,15 +32,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SIZE = 32
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> str:
-    """One random-weights state dict (the published basnet.pth's format) shared by every test."""
-    path = str(tmp_path_factory.mktemp("weights") / "basnet.pth")
-    torch.manual_seed(0)
-    torch.save(BASNet().state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

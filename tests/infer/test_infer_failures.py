@@ -14,12 +14,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
-import torch
 from PIL import Image
 
 from basnet import storage
 from basnet.infer import ray_pipeline
-from basnet.model import BASNet
 
 from conftest import load_job
 from infer_collection import encode, picture
@@ -62,14 +60,6 @@ class SmallMemoryActor(ray_pipeline._PredictorActor):
             return forward(images)
 
         self.predictor._forward = limited
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("weights") / "basnet.pth")
-    torch.manual_seed(0)
-    torch.save(BASNet().state_dict(), path)
-    return path
 
 
 @pytest.fixture
