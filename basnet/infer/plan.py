@@ -55,7 +55,7 @@ def save_config(cfg: InferConfig, uri: str, run_id: str) -> None:
 def _check_weights(uri: str) -> None:
     """Only that the weights exist (loading them is a Ray task's work; its errors come back as theirs)."""
     try:
-        found = storage.exists(uri) or storage.is_dir(uri)
+        found = storage.exists(uri)  # a file or a checkpoint folder
     except OSError as exc:
         raise storage_failure("--weights", uri, exc) from None
     if not found:
