@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,14 @@ demo: $(STAMP)
 	rm -rf demo_out
 	$(PY) jobs/train.py --name demo --storage $(CURDIR)/demo_out/runs --eval-data sample --eval-out $(CURDIR)/demo_out/eval
 
-test: $(STAMP)
+# The masking page's test drives a real headless Chromium: Debian's package (Playwright drives it as is,
+# nothing is downloaded). Installed once, with sudo when not root.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q --durations=10 tests
 
 clean:

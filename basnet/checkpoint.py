@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from basnet import storage
-from basnet.config import plain
+from basnet.config import PUBLISHED_IMAGE_SIZE, plain
 from basnet.errors import UserError, first_line
 from basnet.model import BASNet
 
@@ -188,6 +188,15 @@ def checkpoint_config(source: str) -> dict[str, Any] | None:
             raise CheckpointError(f"{config_uri} does not hold a mapping")
         return config
     return load_checkpoint(source)["config"]
+
+
+def inference_size(source: str, image_size: int | None = None) -> int:
+    """The side masks are predicted at: ``image_size`` if given, else the checkpoint's training size
+    (``PUBLISHED_IMAGE_SIZE`` for published weights, which carry no config)."""
+    if image_size is not None:
+        return int(image_size)
+    trained = checkpoint_config(source) or {}
+    return int(trained.get("image_size") or PUBLISHED_IMAGE_SIZE)
 
 
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

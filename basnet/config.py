@@ -23,11 +23,12 @@ import yaml
 
 from basnet.errors import ConfigError
 
-__all__ = ["PRECISIONS", "option", "option_type", "check_options", "add_options", "build_parser", "parse_config", "load_yaml",
+__all__ = ["PRECISIONS", "PUBLISHED_IMAGE_SIZE", "option", "option_type", "check_options", "add_options", "build_parser", "parse_config", "load_yaml",
            "from_dict", "plain", "default_crop"]
 
 T = TypeVar("T")
 
+PUBLISHED_IMAGE_SIZE = 256  # the published basnet.pth was trained at 256 x 256
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # --precision of every job; basnet.device says what each means
 _PARSER_KEYS = ("choices", "metavar")
 

@@ -41,6 +41,10 @@ class ImageDecodeError(ValueError):
     """Raised when bytes cannot be decoded into an image; the message says why in a few words."""
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """The image has more pixels than allowed (``max_pixels``, or Pillow's decompression-bomb limit)."""
+
+
 def has_image_suffix(name: str) -> bool:
     """Whether ``name`` ends with one of :data:`IMAGE_SUFFIXES`, ignoring case."""
     return name.lower().endswith(IMAGE_SUFFIXES)
@@ -97,14 +101,14 @@ def _open_image(data: bytes, max_pixels: int | None) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"image too large to decode safely ({exc})") from None
+        raise ImageTooLargeError(f"image too large to decode safely ({exc})") from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not a recognised image format") from None
     except Exception as exc:  # Pillow plugins raise many types on corrupt headers
         raise ImageDecodeError(f"corrupt image header ({exc})") from None
     width, height = img.size
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageDecodeError(
+        raise ImageTooLargeError(
             f"image is {width} x {height} = {width * height} pixels, above --max-pixels {max_pixels}"
         )
     try:

@@ -10,9 +10,7 @@ from basnet.config import PRECISIONS, check_options, option
 from basnet.errors import ConfigError
 from basnet.transforms import FORMATS
 
-__all__ = ["InferConfig", "FORMATS", "PUBLISHED_IMAGE_SIZE", "cpu_batch_size"]
-
-PUBLISHED_IMAGE_SIZE = 256  # the published basnet.pth was trained at 256 x 256
+__all__ = ["InferConfig", "FORMATS", "cpu_batch_size"]
 
 
 @dataclass

@@ -41,7 +41,7 @@ import ray.data
 
 from basnet import storage
 from basnet.errors import JobFailed, UsageError, UserError
-from basnet.infer.config import PUBLISHED_IMAGE_SIZE, InferConfig, cpu_batch_size
+from basnet.infer.config import InferConfig, cpu_batch_size
 from basnet.infer.inputs import discover_units
 from basnet.infer.listing import list_batch
 from basnet.infer.manifest import FAILED, PENDING, SKIPPED, DryRun, InferSummary, ManifestWriter, Progress
@@ -159,13 +159,9 @@ class _PredictorActor:
 def _load_weights(uri: str, image_size: int | None):
     """The state dict (into the object store) and the inference size (the checkpoint's training size
     unless given)."""
-    from basnet.checkpoint import checkpoint_config, load_model
+    from basnet.checkpoint import inference_size, load_model
 
-    state = load_model(uri).state_dict()
-    if image_size is None:
-        trained = checkpoint_config(uri) or {}
-        image_size = int(trained.get("image_size") or PUBLISHED_IMAGE_SIZE)
-    return state, image_size
+    return load_model(uri).state_dict(), inference_size(uri, image_size)
 
 
 _loaded: dict[tuple, tuple[ray.ObjectRef, ray.ObjectRef]] = {}  # the last weights this driver loaded

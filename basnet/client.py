@@ -1,0 +1,66 @@
+"""A small client for the masking service (standard library only): ``mask(url, image) -> PNG bytes``.
+
+    from basnet.client import mask
+    png = mask("http://127.0.0.1:8000", "photo.jpg", format="rgba")
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+
+__all__ = ["mask", "MaskingError"]
+
+
+class MaskingError(RuntimeError):
+    """The service refused or failed a request: ``status`` (0 if it could not be reached) and its message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}" if status else message)
+        self.status, self.message = status, message
+
+
+def _endpoint(url: str, options: dict) -> str:
+    base = url if url.rstrip("/").endswith("/mask") else url.rstrip("/") + "/mask"
+    query = {k: v for k, v in options.items() if v is not None}
+    return base + ("?" + urllib.parse.urlencode(query) if query else "")
+
+
+def mask(url: str, image: str | os.PathLike | bytes, *, format: str | None = None, threshold: float | None = None,
+         timeout: float = 300.0) -> bytes:
+    """The PNG the service at ``url`` returns for ``image`` (a path or the file's bytes).
+
+    Args:
+        url: The service's address (``http://host:8000``) or its ``/mask`` endpoint.
+        image: A local file's path, or encoded image bytes.
+        format: ``mask``, ``binary`` or ``rgba`` (default: the service's).
+        threshold: The binary threshold in [0, 1] (default: the service's).
+        timeout: Seconds to wait for the answer.
+
+    Raises:
+        MaskingError: The service answered with an error (its status and message) or could not be reached.
+    """
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data, kind = bytes(image), "application/octet-stream"
+    else:
+        with open(image, "rb") as f:
+            data = f.read()
+        kind = mimetypes.guess_type(os.fspath(image))[0] or "application/octet-stream"
+    request = urllib.request.Request(_endpoint(url, {"format": format, "threshold": threshold}), data=data,
+                                     method="POST", headers={"Content-Type": kind})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        try:
+            message = json.loads(body)["error"]
+        except (ValueError, KeyError, TypeError):
+            message = body.decode(errors="replace")[:500] or exc.reason
+        raise MaskingError(exc.code, message) from None
+    except urllib.error.URLError as exc:
+        raise MaskingError(0, f"cannot reach {url}: {exc.reason}") from None

@@ -1,0 +1,308 @@
+"""The masking service on Ray Serve: the ``Masker`` deployment, its application builder, the job's start.
+
+One replica holds one model. A request is read, checked and decoded on its own (``basnet.serve.http``,
+in a thread, so the event loop keeps taking requests); only decoded images join a batch
+(``@serve.batch``), which runs in the replica's one model thread; the map comes back to its request,
+which renders it at the image's original size exactly as the bulk job does
+(``basnet.transforms.render_output``). Out of memory halves the batch (``MaskPredictor``); a model
+that fails three batches in a row fails its health check and Serve replaces the replica.
+
+``build_app(args)`` is the application builder ``serve run`` / ``serve deploy`` call with the
+``args`` of configs/serve.yaml; ``serve_forever(cfg)`` is ``jobs/serve.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response
+
+from basnet.config import from_dict
+from basnet.errors import UsageError
+from basnet.serve.config import ServeConfig
+from basnet.serve.http import RequestError, decode_upload, error_json, mask_options, read_upload
+from basnet.transforms import FORMATS, render_output
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Masker", "build_app", "serve_forever", "DEPLOYMENT"]
+
+DEPLOYMENT = "Masker"
+PAGE = Path(__file__).with_name("page.html")
+MODEL_FAILURES = 3  # batches failing in a row before the replica reports itself unhealthy
+_FORM_SLACK = 64 * 1024  # a multipart form's own bytes around the file
+
+
+def _json(status: int, payload: dict, **headers: str) -> Response:
+    return Response(json.dumps(payload), status_code=status, media_type="application/json", headers=headers)
+
+
+def _error(exc: RequestError) -> Response:
+    return Response(error_json(exc.message), status_code=exc.status, media_type="application/json")
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Masker:
+    """A Serve replica: the HTTP routes and the batched model."""
+
+    def __init__(self, config: dict) -> None:
+        import torch
+
+        from basnet.checkpoint import inference_size, load_model
+        from basnet.infer.predictor import MaskPredictor
+
+        self.cfg = cfg = ServeConfig(**config)
+        assigned = ray.get_runtime_context().get_assigned_resources()
+        use_gpu = assigned.get("GPU", 0) > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.threads = torch.get_num_threads()
+        if not use_gpu:  # Ray sets OMP_NUM_THREADS=1 in workers: the replica's CPUs are its threads
+            self.threads = max(1, int(assigned.get("CPU", 1)))
+            torch.set_num_threads(self.threads)
+        self.size = inference_size(cfg.weights, cfg.image_size)
+        self.predictor = MaskPredictor(load_model(cfg.weights).state_dict(), device=self.device,
+                                       precision=cfg.precision, channels_last=cfg.channels_last,
+                                       compile=cfg.compile, image_size=self.size)
+        self.page = PAGE.read_bytes()
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="basnet-model")
+        self.predict.set_max_batch_size(cfg.max_batch_size)
+        self.predict.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
+        self.stats = {"requests": 0, "masks": 0, "refused": 0, "batches": 0, "largest_batch": 0}
+        self.failures_in_a_row, self.last_failure = 0, ""
+        self.started = time.time()
+
+    # --- the model -------------------------------------------------------------------------------
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Maps at the model's side for a batch of decoded images (one model call in the model thread)."""
+        from basnet.infer.predictor import ModelError
+
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(images))
+        try:
+            maps = await asyncio.get_running_loop().run_in_executor(self.model_thread, self.predictor.predict,
+                                                                    np.stack(images))
+        except ModelError as exc:
+            self.failures_in_a_row, self.last_failure = self.failures_in_a_row + 1, str(exc)
+            raise
+        self.failures_in_a_row = 0
+        return list(maps)
+
+    def check_health(self) -> None:
+        """Serve's health check: a model that keeps failing gets its replica replaced."""
+        if self.failures_in_a_row >= MODEL_FAILURES:
+            raise RuntimeError(f"the model failed {self.failures_in_a_row} batches in a row: {self.last_failure}")
+
+    # --- HTTP ------------------------------------------------------------------------------------
+    async def __call__(self, request: Request) -> Response:
+        path, method = self._path(request), request.method
+        routes = {"/": self._page, "/healthz": self._healthz, "/info": self._info, "/mask": self._mask}
+        if path not in routes:
+            return _json(404, {"error": f"no route {path}: use POST /mask, GET /info, GET /healthz or GET /"})
+        allowed = "POST" if path == "/mask" else "GET"
+        if method != allowed and not (method == "HEAD" and allowed == "GET"):
+            return _json(405, {"error": f"{path} takes {allowed}, not {method}"}, Allow=allowed)
+        return await routes[path](request)
+
+    @staticmethod
+    def _path(request: Request) -> str:
+        path, root = request.scope.get("path", "/"), request.scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        return "/" + path.strip("/")
+
+    async def _page(self, request: Request) -> Response:
+        return Response(self.page, media_type="text/html; charset=utf-8")
+
+    async def _healthz(self, request: Request) -> Response:
+        healthy = self.failures_in_a_row < MODEL_FAILURES
+        return _json(200 if healthy else 503, {"status": "ok" if healthy else "model failing"})
+
+    async def _info(self, request: Request) -> Response:
+        cfg = self.cfg
+        device = str(self.device)
+        if self.device.type == "cuda":
+            import torch
+
+            device += f" ({torch.cuda.get_device_name(self.device)})"
+        return _json(200, {
+            "weights": cfg.weights, "image_size": self.size, "precision": self.predictor.precision.name,
+            "device": device, "threads": self.threads, "replicas": await self._replicas(),
+            "max_batch_size": cfg.max_batch_size, "batch_wait_ms": cfg.batch_wait_ms, "formats": list(FORMATS),
+            "default_format": cfg.format, "default_threshold": cfg.threshold, "max_bytes": cfg.max_bytes,
+            "max_pixels": cfg.max_pixels,
+            "replica": {"pid": os.getpid(), "rss_bytes": _rss_bytes(), "uptime_s": round(time.time() - self.started, 1),
+                        **self.stats},
+        })
+
+    async def _replicas(self) -> int | None:
+        """Running replicas of this deployment, as the Serve controller counts them."""
+        def count() -> int | None:
+            context = serve.get_replica_context()
+            app = serve.status().applications[context.app_name]
+            return app.deployments[context.deployment].replica_states.get("RUNNING")
+
+        try:
+            return await asyncio.to_thread(count)
+        except Exception as exc:  # informative only: never fail /info over it
+            logger.debug("cannot count replicas: %s", exc)
+            return None
+
+    async def _mask(self, request: Request) -> Response:
+        from basnet.infer.predictor import ModelError
+
+        self.stats["requests"] += 1
+        try:
+            options = mask_options(request.query_params, default_format=self.cfg.format,
+                                   default_threshold=self.cfg.threshold)
+            content_type = request.headers.get("content-type", "")
+            body = await self._body(request, multipart=content_type.lower().startswith("multipart/"))
+            data, filename = read_upload(body, content_type)
+            if len(data) > self.cfg.max_bytes:
+                raise RequestError(413, f"the image is {len(data)} bytes, above --max-bytes {self.cfg.max_bytes}")
+            upload = await asyncio.to_thread(decode_upload, data, size=self.size, max_pixels=self.cfg.max_pixels,
+                                             filename=filename)
+            prob = await self.predict(upload.image)
+            png = await asyncio.to_thread(render_output, prob, upload.height, upload.width, fmt=options.format,
+                                          threshold=options.threshold, source=upload.data)
+        except RequestError as exc:
+            self.stats["refused"] += 1
+            return _error(exc)
+        except ModelError as exc:
+            return _json(503, {"error": f"the model failed on this batch: {exc}"})
+        self.stats["masks"] += 1
+        stem = Path(upload.filename).stem or "mask"
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:100]
+        return Response(png, media_type="image/png", headers={
+            "Content-Disposition": f'inline; filename="{name}.{options.format}.png"',
+            "X-Image-Size": f"{upload.width}x{upload.height}"})
+
+    async def _body(self, request: Request, *, multipart: bool) -> bytes:
+        """The body, refused (413) as soon as it passes the limit (a form gets room for its own bytes)."""
+        limit = self.cfg.max_bytes + (_FORM_SLACK if multipart else 0)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, f"the body is {declared} bytes, above --max-bytes {self.cfg.max_bytes}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"the body is over --max-bytes {self.cfg.max_bytes}")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _deployment_options(cfg: ServeConfig) -> dict:
+    """Replicas, resources and queue bounds from the options (a Serve config file's ``deployments``
+    entry overrides any of them)."""
+    replicas = cfg.replicas()
+    gpus = cfg.num_gpus_per_replica or 0.0
+    cpus = cfg.num_cpus_per_replica or 1.0
+    options = {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus},
+               # room for one batch running and the next one forming
+               "max_ongoing_requests": max(2 * cfg.max_batch_size, 4),
+               "health_check_period_s": 10}
+    if replicas == "auto":
+        options["num_replicas"] = "auto"
+        options["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 100,
+                                         "target_ongoing_requests": max(2, cfg.max_batch_size)}
+    else:
+        options["num_replicas"] = replicas
+    return options
+
+
+def build_app(args: dict) -> serve.Application:
+    """The application builder of ``serve run basnet.serve.ray_app:build_app weights=...`` and of
+    configs/serve.yaml: ``args`` are ``ServeConfig``'s options (strings from the command line are
+    converted)."""
+    fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
+    values = {}
+    for key, value in from_dict(ServeConfig, dict(args), source="the application's args").__dict__.items():
+        values[key] = _coerce(fields[key], value)
+    cfg = ServeConfig(**values)
+    cfg.check()
+    return _deployment(cfg)
+
+
+def _coerce(field: dataclasses.Field, value):
+    """``serve run ... key=value`` passes strings; numbers and booleans are converted as the flags do."""
+    if not isinstance(value, str):
+        return value
+    kind = str(field.type)
+    if "bool" in kind:
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    for name, cast in (("int", int), ("float", float)):
+        if kind.startswith(name):
+            try:
+                return cast(value)
+            except ValueError:
+                raise UsageError(f"{field.name}={value!r} is not a {name}") from None
+    return value
+
+
+def _logging(cfg: ServeConfig) -> dict:
+    return {"log_level": "INFO" if cfg.verbose else "WARNING"}
+
+
+def _deployment(cfg: ServeConfig) -> serve.Application:
+    deployment = serve.deployment(Masker, name=DEPLOYMENT).options(**_deployment_options(cfg),
+                                                                   logging_config=_logging(cfg))
+    return deployment.bind(cfg.to_dict())
+
+
+def resolve_resources(cfg: ServeConfig) -> ServeConfig:
+    """GPUs and CPUs per replica from the cluster: one GPU each where there are GPUs; else a node's CPUs
+    shared among the replicas (at least one each)."""
+    total = ray.cluster_resources()
+    gpus = cfg.num_gpus_per_replica
+    if gpus is None:
+        gpus = 1.0 if total.get("GPU", 0) >= 1 else 0.0
+    cpus = cfg.num_cpus_per_replica
+    if cpus is None:
+        node_cpus = min((n["Resources"].get("CPU", 1) for n in ray.nodes() if n["Alive"]), default=1)
+        replicas = cfg.replicas()
+        cpus = 1.0 if gpus else float(max(1, int(node_cpus // (1 if replicas == "auto" else replicas))))
+    return dataclasses.replace(cfg, num_gpus_per_replica=gpus, num_cpus_per_replica=cpus)
+
+
+def serve_forever(cfg: ServeConfig, *, ready: threading.Event | None = None,
+                  stop: threading.Event | None = None) -> str:
+    """Deploys the service on the Ray this process joined, prints its URL and serves until ``stop``
+    (or Ctrl-C); returns the URL. Serve's HTTP proxy listens on ``--host``:``--port``."""
+    cfg = resolve_resources(cfg)
+    if not cfg.verbose:  # Serve's controller, proxy and replicas log every deployment step at INFO
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=_logging(cfg))
+    serve.run(_deployment(cfg), name=cfg.name, route_prefix="/")
+    shown = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    url = f"http://{shown}:{cfg.port}/"
+    print(f"serving {cfg.weights} at {url} ({cfg.replicas()} replica(s), {cfg.num_cpus_per_replica:g} CPU and "
+          f"{cfg.num_gpus_per_replica:g} GPU each); POST {url}mask, page at {url}; Ctrl-C stops", flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        (stop or threading.Event()).wait()
+    except KeyboardInterrupt:
+        pass
+    print("stopping", flush=True)
+    serve.delete(cfg.name)
+    return url
