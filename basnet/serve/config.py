@@ -33,8 +33,10 @@ class ServeConfig:
                                   "or fp32, bf16, fp16", choices=PRECISIONS)
     channels_last: bool | None = option(None, "channels_last (NHWC) model and inputs (default: on GPUs)")
     compile: bool = option(False, "torch.compile the model in each replica (slower start, faster batches)")
-    max_batch_size: int = option(8, "most concurrent requests one model call serves (1 turns batching off)",
-                                 positive=True)
+    max_batch_size: int | None = option(None, "most concurrent requests one model call serves, 1 turns batching "
+                                              "off (default: 8 on GPUs; on CPUs as the bulk job's batch: 8 at "
+                                              "64 px, 2 at 128 px, 1 above: batches cost more than they save "
+                                              "there)", positive=True)
     batch_wait_ms: float = option(5.0, "how long a batch waits for more requests once its first has come",
                                   at_least=0)
     max_bytes: int = option(32 * 2**20, "refuse (413) request bodies larger than this many bytes", positive=True)
@@ -46,6 +48,9 @@ class ServeConfig:
     num_cpus_per_replica: float | None = option(None, "CPUs per replica, also its torch threads on CPU "
                                                     "(default 1 with a GPU; without, a node's CPUs "
                                                     "shared among the replicas)", positive=True)
+    malloc_arenas: int = option(2, "glibc malloc arenas per replica (MALLOC_ARENA_MAX; 0: glibc's default of 8 "
+                                   "per core, whose per-thread heaps let a replica's memory creep under load)",
+                                at_least=0)
     name: str = option("basnet", "Serve application name")
     address: str | None = option(None, "Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     verbose: bool = option(False, "show Ray's own INFO logs on the console")

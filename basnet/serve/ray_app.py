@@ -31,6 +31,7 @@ from starlette.responses import Response
 
 from basnet.config import from_dict
 from basnet.errors import UsageError
+from basnet.infer.config import cpu_batch_size
 from basnet.serve.config import ServeConfig
 from basnet.serve.http import RequestError, decode_upload, error_json, mask_options, read_upload
 from basnet.transforms import FORMATS, render_output
@@ -41,6 +42,7 @@ __all__ = ["Masker", "build_app", "serve_forever", "DEPLOYMENT"]
 
 DEPLOYMENT = "Masker"
 PAGE = Path(__file__).with_name("page.html")
+GPU_BATCH = 8  # --max-batch-size's default on GPUs
 MODEL_FAILURES = 3  # batches failing in a row before the replica reports itself unhealthy
 _FORM_SLACK = 64 * 1024  # a multipart form's own bytes around the file
 
@@ -84,7 +86,8 @@ class Masker:
                                        compile=cfg.compile, image_size=self.size)
         self.page = PAGE.read_bytes()
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="basnet-model")
-        self.predict.set_max_batch_size(cfg.max_batch_size)
+        self.max_batch_size = cfg.max_batch_size or (GPU_BATCH if use_gpu else cpu_batch_size(self.size))
+        self.predict.set_max_batch_size(self.max_batch_size)
         self.predict.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
         self.stats = {"requests": 0, "masks": 0, "refused": 0, "batches": 0, "largest_batch": 0}
         self.failures_in_a_row, self.last_failure = 0, ""
@@ -147,7 +150,7 @@ class Masker:
         return _json(200, {
             "weights": cfg.weights, "image_size": self.size, "precision": self.predictor.precision.name,
             "device": device, "threads": self.threads, "replicas": await self._replicas(),
-            "max_batch_size": cfg.max_batch_size, "batch_wait_ms": cfg.batch_wait_ms, "formats": list(FORMATS),
+            "max_batch_size": self.max_batch_size, "batch_wait_ms": cfg.batch_wait_ms, "formats": list(FORMATS),
             "default_format": cfg.format, "default_threshold": cfg.threshold, "max_bytes": cfg.max_bytes,
             "max_pixels": cfg.max_pixels,
             "replica": {"pid": os.getpid(), "rss_bytes": _rss_bytes(), "uptime_s": round(time.time() - self.started, 1),
@@ -217,14 +220,18 @@ def _deployment_options(cfg: ServeConfig) -> dict:
     replicas = cfg.replicas()
     gpus = cfg.num_gpus_per_replica or 0.0
     cpus = cfg.num_cpus_per_replica or 1.0
-    options = {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus},
+    batch = cfg.max_batch_size or GPU_BATCH  # the largest a replica picks by itself
+    actor = {"num_cpus": cpus, "num_gpus": gpus}
+    if cfg.malloc_arenas:  # read by glibc when the process starts; merged into the job's env_vars
+        actor["runtime_env"] = {"env_vars": {"MALLOC_ARENA_MAX": str(cfg.malloc_arenas)}}
+    options = {"ray_actor_options": actor,
                # room for one batch running and the next one forming
-               "max_ongoing_requests": max(2 * cfg.max_batch_size, 4),
+               "max_ongoing_requests": max(2 * batch, 4),
                "health_check_period_s": 10}
     if replicas == "auto":
         options["num_replicas"] = "auto"
         options["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 100,
-                                         "target_ongoing_requests": max(2, cfg.max_batch_size)}
+                                         "target_ongoing_requests": max(2, batch)}
     else:
         options["num_replicas"] = replicas
     return options
