@@ -1,0 +1,106 @@
+"""ONNX export: ONNX Runtime against PyTorch at two sizes and two batch sizes, fp16, all outputs,
+the job's arguments; and ONNX Runtime's masks through this project's rendering."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from basnet.checkpoint import load_model
+from basnet.export.config import FP16_TOLERANCE, FP32_TOLERANCE
+from basnet.export.onnx_model import check_onnx, export_onnx, ort_session
+from basnet.predict import predict_probabilities
+from basnet.device import to_model_input
+from basnet.transforms import decode_image, render_output, resize_image
+
+from conftest import load_job
+
+REPO = Path(__file__).resolve().parents[2]
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def exported(weights, tmp_path_factory) -> tuple[str, str]:
+    """``jobs/export.py`` as a user runs it: its own check passes and it says so."""
+    out = str(tmp_path_factory.mktemp("onnx") / "basnet.onnx")
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "export.py"), "--weights", weights, "--out", out,
+                           "--image-size", str(SIZE)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_export_and_onnx_runtime_agree_to_1e4_at_batch_1_and_3_at_64_and_96_px(exported, weights):
+    path, printed = exported
+    rows = check_onnx(load_model(weights), path, sizes=[64, 96], batches=(1, 3))
+    assert [(r.batch, r.size) for r in rows] == [(1, 64), (3, 64), (1, 96), (3, 96)]
+    assert max(r.max_diff for r in rows) <= FP32_TOLERANCE, rows
+    assert "check passed" in printed and printed.count("largest |ONNX Runtime - PyTorch|") == 4
+    graph = onnx.load(path, load_external_data=False).graph
+    (image,) = graph.input
+    dims = [d.dim_param or d.dim_value for d in image.type.tensor_type.shape.dim]
+    assert dims[1] == 3 and all(isinstance(d, str) for d in (dims[0], dims[2], dims[3])), dims  # dynamic N, H, W
+    assert [o.name for o in graph.output] == ["saliency"]
+    # a shape it was neither traced nor checked at: 2 x 3 x 32 x 128
+    out = ort_session(path).run(None, {"image": np.zeros((2, 3, 32, 128), np.float32)})[0]
+    assert out.shape == (2, 1, 32, 128) and 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_onnx_runtime_masks_match_this_projects_masks_within_one_grey_level(exported, weights, sample_root):
+    path, _ = exported
+    model = load_model(weights)
+    session = ort_session(path)
+    folder = Path(sample_root) / "DUTS-TE" / "DUTS-TE-Image"
+    for image_path in sorted(folder.iterdir()):
+        data = image_path.read_bytes()
+        image = decode_image(data)
+        resized = resize_image(image, SIZE)[None]
+        ours = predict_probabilities(model, torch.from_numpy(resized), device=torch.device("cpu"))[0].numpy()
+        prob = session.run(None, {"image": to_model_input(resized).numpy()})[0][0, 0]
+        prob = (prob - prob.min()) / max(prob.max() - prob.min(), 1e-8)  # the min-max every consumer applies
+        height, width = image.shape[:2]
+        a = np.asarray(render_output(ours, height, width, fmt="mask"))
+        b = np.asarray(render_output(prob, height, width, fmt="mask"))
+        diff = np.abs(np.asarray(Image.open(io.BytesIO(a)), int) - np.asarray(Image.open(io.BytesIO(b)), int))
+        assert diff.max() <= 1, (image_path.name, diff.max())
+
+
+def test_fp16_export_agrees_to_1e2_and_all_outputs_gives_eight_maps(weights, tmp_path):
+    model = load_model(weights)
+    fp16 = str(tmp_path / "fp16.onnx")
+    export_onnx(load_model(weights), fp16, image_size=SIZE, fp16=True)
+    rows = check_onnx(model, fp16, sizes=[64, 96], batches=(1, 3))
+    assert max(r.max_diff for r in rows) <= FP16_TOLERANCE, rows
+    assert max(r.max_diff for r in rows) > 1e-6  # it really computes in half precision
+    assert Path(fp16).stat().st_size < 0.6 * 4 * sum(p.numel() for p in model.parameters())
+    every = str(tmp_path / "all.onnx")
+    export_onnx(load_model(weights), every, image_size=SIZE, all_outputs=True)
+    rows = check_onnx(model, every, sizes=[64], batches=(1,), all_outputs=True)
+    assert rows[0].outputs == 8 and rows[0].max_diff <= FP32_TOLERANCE
+
+
+def test_bad_arguments_exit_2_with_one_line(weights, tmp_path, capsys):
+    job = load_job("export")
+    taken = tmp_path / "taken.onnx"
+    taken.write_bytes(b"x")
+    cases = {
+        "--out is required": ["--weights", weights],
+        "checkpoint not found": ["--weights", str(tmp_path / "no.pth"), "--out", str(tmp_path / "a.onnx")],
+        "should end in .onnx": ["--weights", weights, "--out", str(tmp_path / "a.pt")],
+        "exists: pass --overwrite": ["--weights", weights, "--out", str(taken)],
+        "--check-sizes must be multiples of 32": ["--weights", weights, "--out", str(tmp_path / "b.onnx"),
+                                                  "--check-sizes", "64,100"],
+        "--opset must be 17 or more": ["--weights", weights, "--out", str(tmp_path / "c.onnx"), "--opset", "11"],
+    }
+    for words, argv in cases.items():
+        assert job.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1, err
+    assert taken.read_bytes() == b"x"  # never overwritten without --overwrite
