@@ -29,6 +29,7 @@ from basnet.evaluate.matching import EvalPair, Matching, prepare_folders
 from basnet.evaluate.report import summary_text, write_report
 from basnet.evaluate.scoring import Evaluation, Scores, finish_scores, score_pairs
 from basnet.train.config import TrainConfig
+from basnet.train.curves import CURVES_FILE
 
 __all__ = ["score_parallel", "evaluate_matching", "evaluate_folders_parallel", "predict_and_evaluate",
            "evaluate_checkpoint", "default_blocks"]
@@ -182,6 +183,9 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig) -> Evaluation:
                                       image_size=cfg.image_size, batch_size=cfg.batch_size or 8,
                                       precision=cfg.precision)
     write_report(evaluation, out)
-    print_last(summary_text(evaluation, out))  # after everything the logs and workers printed
+    pictures = [f"{checkpoint_uri.rstrip('/').rsplit('/', 1)[0]}/{CURVES_FILE}",
+                storage.join(out, "worst.png"), storage.join(out, "best.png")]
+    # after everything the logs and workers printed
+    print_last(summary_text(evaluation, out) + "\n\npictures: " + "  ".join(pictures))
     return evaluation
 

@@ -39,6 +39,7 @@ from basnet.loss import HybridLoss
 from basnet.metrics import SODMetrics
 from basnet.ray_init import started_local_ray
 from basnet.train.config import TrainConfig, resolve_data
+from basnet.train.curves import CURVES_FILE, record_epoch
 from basnet.train.distributed import epoch_metrics, gather_metrics, replica_digests, sync_buffers
 from basnet.train.engine import TrainingState, build_training_state, steps_per_epoch, train_epoch, validate
 from basnet.transforms import random_crop_flip_batch
@@ -75,10 +76,17 @@ def _epoch_line(m: dict) -> str:
             f"val max F {m['val_max_f']:.4f}  {m['images_per_s']:.2f} img/s")
 
 
+def _run_uri() -> str:
+    """The run's folder (where the checkpoints go) as a URI our storage helper reads."""
+    run = ray.train.get_context().get_storage()
+    return ("s3://" if isinstance(run.storage_filesystem, pafs.S3FileSystem) else "") + run.experiment_fs_path
+
+
 def _report(cfg: TrainConfig, m: dict, state: TrainingState, *, with_checkpoint: bool) -> None:
     rank = ray.train.get_context().get_world_rank()
     if rank == 0:
         _print(_epoch_line(m))
+        record_epoch(_run_uri(), m)  # history.json and curves.png, beside the checkpoints
     if not (with_checkpoint and rank == 0):
         ray.train.report(m)
         return
@@ -336,5 +344,6 @@ def fit(cfg: TrainConfig, *, split: Split | None = None, callbacks: list | None 
     if uri:
         print(f"best checkpoint: {uri}  (epoch {metrics['epoch']}, val MAE {metrics['val_mae']:.4f}, "
               f"val max F {metrics['val_max_f']:.4f})", flush=True)
+        print(f"curves: {uri.rsplit('/', 1)[0]}/{CURVES_FILE}", flush=True)
     return TrainOutcome(best_checkpoint=uri, best_metrics=metrics, epochs_run=epochs, split=split,
                         loop_result=result.return_value or {})

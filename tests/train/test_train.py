@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from basnet import storage
 from basnet.checkpoint import checkpoint_config, load_model
@@ -18,6 +19,7 @@ from basnet.errors import ConfigError
 from basnet.loss import HybridLoss
 from basnet.model import BASNet
 from basnet.train.config import TrainConfig
+from basnet.train.curves import CURVES_FILE, CURVES_SIZE, read_history
 from basnet.train.engine import train_step
 from basnet.transforms import decode_image, decode_mask, resize_image, resize_mask
 
@@ -122,6 +124,13 @@ def test_bf16_training_checkpoints_every_epoch_resumes_and_masks_like_fp32(ray_s
     printed = capfd.readouterr().out
     assert "epoch   3" in printed and "epoch   1 " not in printed and "epoch   0" not in printed
     assert again.epochs_run == 3
+    # The resumed run continued the first one's history: one row per epoch, the untrained 0 included.
+    history = read_history(str(run_dir))
+    assert [r["epoch"] for r in history] == [0, 1, 2, 3]
+    assert history[0]["train_loss"] is None and all(r["train_loss"] > 0 for r in history[1:])
+    assert all(0 <= r["val_mae"] <= 1 for r in history)
+    assert Image.open(run_dir / CURVES_FILE).size == CURVES_SIZE
+    assert f"curves: {run_dir}/{CURVES_FILE}" in printed
     assert (run_dir / "epoch_0003" / "model.pt").exists()
 
     # The bf16-trained weights mask in bf16 within 1 grey level (on average) of fp32.

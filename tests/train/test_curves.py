@@ -1,0 +1,43 @@
+"""The run's history and curves.png: one row per epoch, a re-run epoch replaces its row, on S3 too."""
+
+from __future__ import annotations
+
+import io
+import math
+
+from PIL import Image
+
+from basnet import storage
+from basnet.train.curves import CURVES_FILE, CURVES_SIZE, HISTORY_FILE, plot_curves, read_history, record_epoch
+
+
+def epoch(n: int, loss: float = math.nan) -> dict:
+    return {"epoch": n, "train_loss": loss, "val_mae": 0.5 / (n + 1), "val_max_f": 0.2 + 0.1 * n,
+            "images_per_s": 2.5, "val_images": 16, "checkpoint": "ignored"}
+
+
+def test_history_has_one_row_per_epoch_and_a_rerun_epoch_replaces_the_rows_from_it(tmp_path):
+    run = str(tmp_path / "run")
+    record_epoch(run, epoch(0))
+    for n in (1, 2, 3):
+        record_epoch(run, epoch(n, 10.0 / n))
+    # a crash after epoch 3's history but before its checkpoint: the restart runs epoch 3 again
+    record_epoch(run, epoch(3, 2.0))
+    history = read_history(run)
+    assert [r["epoch"] for r in history] == [0, 1, 2, 3]
+    assert history[0]["train_loss"] is None and history[3]["train_loss"] == 2.0
+    assert set(history[1]) == {"epoch", "train_loss", "val_mae", "val_max_f", "images_per_s"}
+    record_epoch(run, epoch(2, 4.0))  # a resume from epoch 1's checkpoint drops 2 and 3, then redoes 2
+    assert [r["epoch"] for r in read_history(run)] == [0, 1, 2]
+    picture = Image.open(tmp_path / "run" / CURVES_FILE)
+    assert (picture.format, picture.size) == ("PNG", CURVES_SIZE)
+
+
+def test_curves_draw_from_a_single_untrained_epoch_and_on_s3(s3_bucket):
+    assert Image.open(io.BytesIO(plot_curves([{"epoch": 0, "train_loss": None, "val_mae": 0.5, "val_max_f": 0.1,
+                                               "images_per_s": 0}]))).size == CURVES_SIZE
+    run = f"{s3_bucket}/runs/demo"
+    record_epoch(run, epoch(0))
+    record_epoch(run, epoch(1, 3.0))
+    assert [r["epoch"] for r in read_history(run)] == [0, 1]
+    assert storage.exists(storage.join(run, HISTORY_FILE)) and storage.exists(storage.join(run, CURVES_FILE))
