@@ -48,10 +48,10 @@ def jpeg(size: int, seed: int) -> bytes:
 class Service:
     """``jobs/serve.py`` in a subprocess, stopped with Ctrl-C."""
 
-    def __init__(self, weights: str, size: int, batch: int, wait_ms: float, *extra: str) -> None:
+    def __init__(self, weights: str, size: int, batch: int, wait_ms: float) -> None:
         self.port = free_port()
         cmd = [sys.executable, str(REPO / "jobs" / "serve.py"), "--weights", weights, "--port", str(self.port),
-               "--image-size", str(size), "--max-batch-size", str(batch), "--batch-wait-ms", str(wait_ms), *extra]
+               "--image-size", str(size), "--max-batch-size", str(batch), "--batch-wait-ms", str(wait_ms)]
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
         banner = self.proc.stdout.readline()
@@ -129,8 +129,8 @@ class RssSampler(threading.Thread):
             self.samples.append(rss_mb(self.pid))
 
 
-def soak(weights: str, n: int, clients: int, wait_ms: float, arenas: int) -> None:
-    service = Service(weights, 64, 8, wait_ms, "--malloc-arenas", str(arenas))
+def soak(weights: str, n: int, clients: int, wait_ms: float) -> None:
+    service = Service(weights, 64, 8, wait_ms)
     try:
         images = [jpeg(64, seed) for seed in range(16)]
         load(service.port, images, clients, 200)  # warm-up: allocator pools, first batches
@@ -148,7 +148,7 @@ def soak(weights: str, n: int, clients: int, wait_ms: float, arenas: int) -> Non
     growth = (end_mb / start_mb - 1) * 100
     answered = sum(result["statuses"].values())
     tenths = [sampler.samples[int(i * (len(sampler.samples) - 1) / 9)] for i in range(10)] if sampler.samples else []
-    print(f"\nsoak, --malloc-arenas {arenas}: {n} requests of 64 px from {clients} clients in {result['wall']:.0f} s "
+    print(f"\nsoak: {n} requests of 64 px from {clients} clients in {result['wall']:.0f} s "
           f"({result['rps']:.1f} req/s, p50 {result['p50']:.0f} ms, p99 {result['p99']:.0f} ms)")
     print(f"  replica RSS after warm-up {start_mb:.0f} MB, at the end {end_mb:.0f} MB: growth {growth:+.2f} % "
           f"(goal under 5 %: {'met' if growth < 5 else 'NOT met'}); during the soak min "
@@ -170,8 +170,6 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--soak", type=int, default=5000, help="soak requests (0: no soak)")
     parser.add_argument("--soak-clients", type=int, default=8)
-    parser.add_argument("--soak-arenas", type=int, nargs="+", default=[2],
-                        help="--malloc-arenas of each soak (0: glibc's default); one soak each")
     parser.add_argument("--skip-load", action="store_true", help="the soak only")
     args = parser.parse_args()
     weights = args.weights
@@ -200,8 +198,8 @@ def main() -> None:
                 service.stop()
     if rows:
         table(args, rows)
-    for arenas in args.soak_arenas if args.soak else []:
-        soak(weights, args.soak, args.soak_clients, args.batch_wait_ms, arenas)
+    if args.soak:
+        soak(weights, args.soak, args.soak_clients, args.batch_wait_ms)
 
 
 def table(args, rows) -> None:

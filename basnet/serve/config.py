@@ -48,9 +48,6 @@ class ServeConfig:
     num_cpus_per_replica: float | None = option(None, "CPUs per replica, also its torch threads on CPU "
                                                     "(default 1 with a GPU; without, a node's CPUs "
                                                     "shared among the replicas)", positive=True)
-    malloc_arenas: int = option(2, "glibc malloc arenas per replica (MALLOC_ARENA_MAX; 0: glibc's default of 8 "
-                                   "per core, whose per-thread heaps let a replica's memory creep under load)",
-                                at_least=0)
     name: str = option("basnet", "Serve application name")
     address: str | None = option(None, "Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     verbose: bool = option(False, "show Ray's own INFO logs on the console")

@@ -221,10 +221,7 @@ def _deployment_options(cfg: ServeConfig) -> dict:
     gpus = cfg.num_gpus_per_replica or 0.0
     cpus = cfg.num_cpus_per_replica or 1.0
     batch = cfg.max_batch_size or GPU_BATCH  # the largest a replica picks by itself
-    actor = {"num_cpus": cpus, "num_gpus": gpus}
-    if cfg.malloc_arenas:  # read by glibc when the process starts; merged into the job's env_vars
-        actor["runtime_env"] = {"env_vars": {"MALLOC_ARENA_MAX": str(cfg.malloc_arenas)}}
-    options = {"ray_actor_options": actor,
+    options = {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus},
                # room for one batch running and the next one forming
                "max_ongoing_requests": max(2 * batch, 4),
                "health_check_period_s": 10}
