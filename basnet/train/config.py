@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from basnet.config import PRECISIONS, check_options, default_crop, option
 from basnet.errors import ConfigError
+from basnet.train.tracking import TRACKERS, check_tracking, default_tracking
 
 __all__ = ["TrainConfig", "SAMPLE_DEFAULTS", "DATA_DEFAULTS", "resolve_data"]
 
@@ -55,6 +56,9 @@ class TrainConfig:
                                 "GPU workers of fewer than 8 images each", choices=("auto", "on", "off"))
     log_every: int = option(50, "rank 0 prints the loss, images/s and ETA every this many steps (0: never)",
                             at_least=0, at_least_means="(never)")
+    tracking: str | None = option(None, "rank 0 logs the run to tensorboard (<storage>/<name>/tensorboard/), "
+                                        "mlflow ($MLFLOW_TRACKING_URI, default ./mlruns) or none (default: "
+                                        "tensorboard when installed)", choices=TRACKERS)
     verbose: bool = option(False, "show Ray's own INFO logs on the console")
     backbone_weights: str | None = option(None, "encoder init: imagenet, none or a torchvision resnet34 "
                                               "state-dict PATH (default imagenet; none on the sample)")
@@ -79,11 +83,15 @@ class TrainConfig:
             cfg.storage = os.environ.get("BASNET_STORAGE") or os.path.abspath("runs")
         if cfg.crop_size is None:
             cfg.crop_size = default_crop(cfg.image_size)
+        if cfg.tracking is None:
+            cfg.tracking = default_tracking()
         cfg.check()
         return cfg
 
     def check(self) -> None:
         check_options(self)
+        if self.tracking:
+            check_tracking(self.tracking)
         if self.crop_size and self.image_size and self.crop_size > self.image_size:
             raise ConfigError(f"--crop-size {self.crop_size} is larger than --image-size {self.image_size}")
         if self.min_workers and self.num_workers and self.min_workers > self.num_workers:

@@ -40,8 +40,9 @@ from basnet.metrics import SODMetrics
 from basnet.ray_init import started_local_ray
 from basnet.train.config import TrainConfig, resolve_data
 from basnet.train.curves import CURVES_FILE, record_epoch
+from basnet.train.tracking import Tracker, mlflow_uri, open_tracker
 from basnet.train.distributed import epoch_metrics, gather_metrics, replica_digests, sync_buffers
-from basnet.train.engine import TrainingState, build_training_state, steps_per_epoch, train_epoch, validate
+from basnet.train.engine import StepLog, TrainingState, build_training_state, steps_per_epoch, train_epoch, validate
 from basnet.transforms import random_crop_flip_batch
 
 logger = logging.getLogger(__name__)
@@ -82,11 +83,16 @@ def _run_uri() -> str:
     return ("s3://" if isinstance(run.storage_filesystem, pafs.S3FileSystem) else "") + run.experiment_fs_path
 
 
-def _report(cfg: TrainConfig, m: dict, state: TrainingState, *, with_checkpoint: bool) -> None:
+def _lr(state: TrainingState) -> float:
+    return float(state.optimizer.param_groups[0]["lr"])
+
+
+def _report(cfg: TrainConfig, m: dict, state: TrainingState, tracker: Tracker, *, with_checkpoint: bool) -> None:
     rank = ray.train.get_context().get_world_rank()
     if rank == 0:
         _print(_epoch_line(m))
         record_epoch(_run_uri(), m)  # history.json and curves.png, beside the checkpoints
+        tracker.epoch(m["epoch"], m, _lr(state))
     if not (with_checkpoint and rank == 0):
         ray.train.report(m)
         return
@@ -145,7 +151,8 @@ def _set_threads(device: torch.device, local_workers: int) -> int:
 def train_loop_per_worker(loop_config: dict) -> dict:
     """Runs on every training worker: set up, resume, then train/validate/checkpoint each epoch.
 
-    ``loop_config`` is ``{"config": TrainConfig as dict, "train_images": N}``. Returns (rank 0's is
+    ``loop_config`` is ``{"config": TrainConfig as dict, "train_images": N, "mlflow_uri": the driver's
+    MLflow tracking URI or None}``. Returns (rank 0's is
     ``Result.return_value``) the last epoch, every replica's digest and where the restored
     optimizer state lives.
     """
@@ -167,8 +174,17 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         return gather_metrics(validate(state.module, val_shard.iter_batches(batch_size=batch), device=device,
                                        precision=state.precision, memory_format=state.memory_format))
 
+    tracker = open_tracker(cfg.tracking or "none", run_uri=_run_uri() if rank == 0 else "", name=cfg.name, rank=rank,
+                           tracking_uri=loop_config.get("mlflow_uri"))
+    tracker.config(cfg.to_dict())
+
+    def on_log(log: StepLog) -> None:
+        _print(log.line())
+        step = (log.epoch - 1) * steps + log.step if steps else log.epoch * 1_000_000 + log.step
+        tracker.step(step, log.loss, _lr(state))
+
     if state.epoch == 0:  # the untrained model's score, the baseline every later epoch is judged by
-        _report(cfg, epoch_metrics(0, None, val_metrics(), device), state, with_checkpoint=False)
+        _report(cfg, epoch_metrics(0, None, val_metrics(), device), state, tracker, with_checkpoint=False)
     elif state.epoch >= cfg.epochs:
         # Everything was done before a restart (a search killed after this run's last checkpoint
         # but before it noted the end): report the last epoch again, so the caller sees its result.
@@ -183,9 +199,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         stats = train_epoch(state.model, batches, loss_fn, state.optimizer, device=device,
                             precision=state.precision, scaler=state.scaler, memory_format=state.memory_format,
                             epoch=epoch, log_every=cfg.log_every, steps=steps,
-                            on_log=(lambda log: _print(log.line())) if rank == 0 else None)
+                            on_log=on_log if rank == 0 else None)
         sync_buffers(state.module)
-        _report(cfg, epoch_metrics(epoch, stats, val_metrics(), device), state, with_checkpoint=True)
+        _report(cfg, epoch_metrics(epoch, stats, val_metrics(), device), state, tracker, with_checkpoint=True)
+    tracker.close()
     return {"epoch": max(state.epoch, cfg.epochs), "replica_digests": replica_digests(state.module),
             "optimizer_state_devices": sorted({str(v.device) for s in state.optimizer.state.values()
                                                for v in s.values() if torch.is_tensor(v) and v.dim() > 0})}
@@ -300,7 +317,8 @@ def build_trainer(cfg: TrainConfig, split: Split, *, callbacks: list | None = No
     backend = "gloo" if cfg.gpu and cfg.gpus_per_worker < 1 else None
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "train_images": len(split.train)},
+        train_loop_config={"config": cfg.to_dict(), "train_images": len(split.train),
+                           "mlflow_uri": mlflow_uri() if cfg.tracking == "mlflow" else None},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(cfg.gpu), resources_per_worker=resources),
         run_config=RunConfig(

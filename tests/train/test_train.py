@@ -109,7 +109,7 @@ def sample_masks(sample_root: str, weights_state: dict, **options) -> list[np.nd
 def test_bf16_training_checkpoints_every_epoch_resumes_and_masks_like_fp32(ray_session, tmp_path, sample_root, capfd):
     from basnet.train.ray_trainer import fit
 
-    out = fit(tiny_config(tmp_path, sample_root, epochs=2, precision="bf16"))
+    out = fit(tiny_config(tmp_path, sample_root, epochs=2, precision="bf16", tracking="tensorboard", log_every=1))
     run_dir = tmp_path / "runs" / "t"
     assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0001", "epoch_0002"]
     assert out.best_checkpoint and out.best_checkpoint.startswith(str(run_dir))
@@ -120,7 +120,7 @@ def test_bf16_training_checkpoints_every_epoch_resumes_and_masks_like_fp32(ray_s
     assert "epoch   0" in printed and "epoch   2" in printed and "best checkpoint:" in printed
 
     # Same name, one more epoch: only epoch 3 runs, starting from epoch 2's checkpoint.
-    again = fit(tiny_config(tmp_path, sample_root, epochs=3, precision="bf16"))
+    again = fit(tiny_config(tmp_path, sample_root, epochs=3, precision="bf16", tracking="tensorboard", log_every=1))
     printed = capfd.readouterr().out
     assert "epoch   3" in printed and "epoch   1 " not in printed and "epoch   0" not in printed
     assert again.epochs_run == 3
@@ -131,6 +131,21 @@ def test_bf16_training_checkpoints_every_epoch_resumes_and_masks_like_fp32(ray_s
     assert all(0 <= r["val_mae"] <= 1 for r in history)
     assert Image.open(run_dir / CURVES_FILE).size == CURVES_SIZE
     assert f"curves: {run_dir}/{CURVES_FILE}" in printed
+    # TensorBoard: both processes' event files in the run's tensorboard/ folder, read back as TensorBoard does.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    epochs = {e.step: e.value for e in events.Scalars("epoch/val_mae")}
+    assert epochs == pytest.approx({r["epoch"]: r["val_mae"] for r in history})
+    assert [e.step for e in events.Scalars("epoch/train_loss")] == [1, 2, 3]  # epoch 0 trained nothing
+    assert [e.value for e in events.Scalars("epoch/lr")] == pytest.approx([1e-3] * 4)
+    steps = [e.step for e in events.Scalars("step/loss")]
+    assert len(steps) == len(set(steps)) >= 3 and steps == sorted(steps)  # every step, across the resume
+    # the resolved config, logged by each of the two processes
+    configs = [e.tensor_proto.string_val[0].decode()
+               for e in sorted(events.Tensors("config/text_summary"), key=lambda e: e.wall_time)]
+    assert len(configs) == 2 and all("precision: bf16" in c and "image_size: 32" in c for c in configs)
+    assert "epochs: 2" in configs[0] and "epochs: 3" in configs[1]
     assert (run_dir / "epoch_0003" / "model.pt").exists()
 
     # The bf16-trained weights mask in bf16 within 1 grey level (on average) of fp32.
@@ -169,3 +184,27 @@ def test_two_workers_stream_from_s3_checkpoint_to_s3_and_end_with_identical_para
     model = load_model(out.best_checkpoint)
     assert isinstance(model, BASNet)
     assert checkpoint_config(out.best_checkpoint)["data"] == f"{s3_bucket}/duts"
+
+
+@pytest.mark.ray
+def test_mlflow_tracking_logs_config_steps_and_epochs_and_a_resumed_run_continues_it(ray_session, tmp_path,
+                                                                                    sample_root, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from basnet.train.ray_trainer import fit
+
+    store = f"file:{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's file store, for reading back here
+    fit(tiny_config(tmp_path, sample_root, name="tracked", epochs=1, tracking="mlflow", log_every=1))
+    fit(tiny_config(tmp_path, sample_root, name="tracked", epochs=2, tracking="mlflow", log_every=1))
+    client = MlflowClient(store)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "basnet-ray"]
+    (run,) = client.search_runs([experiment.experiment_id])  # one MLflow run for the resumed training run
+    assert run.info.run_name == "tracked"
+    assert run.data.params["name"] == "tracked" and run.data.params["tracking"] == "mlflow"
+    history = read_history(str(tmp_path / "runs" / "tracked"))
+    val_mae = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epoch/val_mae")}
+    assert val_mae == pytest.approx({r["epoch"]: r["val_mae"] for r in history}) and sorted(val_mae) == [0, 1, 2]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "step/loss")]
+    assert len(steps) >= 2 and len(set(steps)) == len(steps)
