@@ -182,7 +182,8 @@ def main() -> None:
         torch.manual_seed(0)
         torch.save(BASNet().state_dict(), weights)
     rows = []
-    for size, requests in [] if args.skip_load else zip(args.sizes, args.requests + args.requests[-1:] * len(args.sizes)):
+    per_size = list(zip(args.sizes, args.requests + args.requests[-1:] * len(args.sizes)))
+    for size, requests in [] if args.skip_load else per_size:
         images = [jpeg(size, seed) for seed in range(16)]
         for batch in (8, 1):
             service = Service(weights, size, batch, args.batch_wait_ms)

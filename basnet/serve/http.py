@@ -15,7 +15,7 @@ import email.policy
 import json
 from dataclasses import dataclass
 from email.parser import BytesParser
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

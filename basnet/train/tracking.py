@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import tempfile
 
@@ -65,7 +66,7 @@ def _finite(metrics: dict) -> dict[str, float]:
     out = {}
     for key, name in EPOCH_KEYS.items():
         value = metrics.get(key)
-        if value is not None and value == value:  # NaN: epoch 0 has no training loss
+        if value is not None and not math.isnan(value):  # NaN: epoch 0 has no training loss
             out[name] = float(value)
     return out
 

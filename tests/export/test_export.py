@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from basnet.checkpoint import load_model
+from basnet.device import to_model_input
 from basnet.export.config import FP16_TOLERANCE, FP32_TOLERANCE
 from basnet.export.onnx_model import check_onnx, export_onnx, ort_session
 from basnet.predict import predict_probabilities
-from basnet.device import to_model_input
 from basnet.transforms import decode_image, render_output, resize_image
 
 from conftest import load_job

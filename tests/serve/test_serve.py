@@ -255,9 +255,10 @@ def test_the_page_shows_the_image_mask_and_cutout_in_headless_chromium(server, h
             page.set_input_files("#file", str(tmp_path / name))
             page.wait_for_function("['mask', 'cutout'].every(id => document.getElementById(id).naturalWidth > 0)",
                                    timeout=120_000)
-            sizes = page.evaluate("['original', 'mask', 'cutout'].map(id => {"
-                                  "const img = document.getElementById(id); return [img.naturalWidth, img.naturalHeight]})")
-            downloads = page.evaluate("['mask', 'cutout'].map(id => document.getElementById('download-' + id).download)")
+            sizes = page.evaluate("['original', 'mask', 'cutout'].map(id => {const img = "
+                                  "document.getElementById(id); return [img.naturalWidth, img.naturalHeight]})")
+            downloads = page.evaluate("['mask', 'cutout'].map(id => "
+                                      "document.getElementById('download-' + id).download)")
             status = page.inner_text("#status")
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         finally:

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray.serve.schema import ServeDeploySchema
-
 from PIL import Image
+from ray.serve.schema import ServeDeploySchema
 
 from basnet.errors import UserError
 from basnet.serve.http import MaskRequest, RequestError, decode_upload, mask_options, read_upload
