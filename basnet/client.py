@@ -49,7 +49,8 @@ def mask(url: str, image: str | os.PathLike | bytes, *, format: str | None = Non
     else:
         with open(image, "rb") as f:
             data = f.read()
-        kind = mimetypes.guess_type(os.fspath(image))[0] or "application/octet-stream"
+        guessed = mimetypes.guess_type(os.fspath(image))[0] or ""
+        kind = guessed if guessed.startswith("image/") else "application/octet-stream"  # the service decodes it
     request = urllib.request.Request(_endpoint(url, {"format": format, "threshold": threshold}), data=data,
                                      method="POST", headers={"Content-Type": kind})
     try:
@@ -64,3 +65,5 @@ def mask(url: str, image: str | os.PathLike | bytes, *, format: str | None = Non
         raise MaskingError(exc.code, message) from None
     except urllib.error.URLError as exc:
         raise MaskingError(0, f"cannot reach {url}: {exc.reason}") from None
+    except OSError as exc:  # a timeout or a reset while the answer was read
+        raise MaskingError(0, f"no answer from {url}: {exc}") from None

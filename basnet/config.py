@@ -51,7 +51,9 @@ def option(default: Any, help: str, *, positive: bool = False, at_least: float |
     """
     checks = {"positive": positive, "at_least": at_least, "between": between, "within": within,
               "multiple_of": multiple_of, "at_least_means": at_least_means}
-    return field(default=default, metadata={"help": help, **extra, **{k: v for k, v in checks.items() if v}})
+    # `is not None`, not truthiness: at_least=0 is a bound too
+    kept = {k: v for k, v in checks.items() if v is not None and v is not False and v != ""}
+    return field(default=default, metadata={"help": help, **extra, **kept})
 
 
 def _flag(name: str) -> str:

@@ -56,6 +56,7 @@ class Service:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
         banner = self.proc.stdout.readline()
         if not banner.startswith("serving"):
+            self.proc.kill()
             raise SystemExit(f"the service did not start: {banner!r}")
         self.startup_s = time.perf_counter() - self.started
 

@@ -15,6 +15,7 @@ does not (the file is kept for inspection); 2 for bad arguments.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  batch {row.batch}, {row.size} x {row.size}: {row.outputs} output(s), largest |ONNX Runtime - "
               f"PyTorch| {row.max_diff:.2e}", flush=True)
     worst = max(row.max_diff for row in rows)
+    if any(not math.isfinite(row.max_diff) for row in rows):
+        raise JobFailed(f"ONNX Runtime's output is not finite (NaN or inf, e.g. a float16 overflow); {cfg.out} kept "
+                        "for inspection")
     if worst > tolerance:
         raise JobFailed(f"ONNX Runtime differs from PyTorch by {worst:.2e}, above {tolerance:g}; {cfg.out} kept "
                         "for inspection")

@@ -42,7 +42,7 @@ class ServeConfig:
     max_bytes: int = option(32 * 2**20, "refuse (413) request bodies larger than this many bytes", positive=True)
     max_pixels: int = option(40_000_000, "refuse (413) images with more pixels than this", positive=True)
     num_replicas: str = option("1", "model replicas: a number, or 'auto' for Serve's autoscaling "
-                                  "(1 to 100 replicas, about 2 requests in flight each)")
+                                  "(1 to 100 replicas, aiming at one batch in flight each)")
     num_gpus_per_replica: float | None = option(None, "GPUs per replica (default 1 if the cluster has GPUs, "
                                                     "else 0)", at_least=0)
     num_cpus_per_replica: float | None = option(None, "CPUs per replica, also its torch threads on CPU "

@@ -109,13 +109,19 @@ def read_upload(body: bytes, content_type: str) -> tuple[bytes, str]:
 
 def _form_file(body: bytes, content_type: str) -> tuple[bytes, str, str]:
     head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
-    message = BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    if not message.is_multipart() or message.defects:
-        raise RequestError(400, "malformed multipart form (check its boundary): " + _SEND)
-    for part in message.iter_parts():
-        if part.get_param("name", header="content-disposition") == "file":
-            payload = part.get_payload(decode=True) or b""
-            return payload, part.get_filename() or "", _media_type(part.get("content-type", ""))
+    malformed = RequestError(400, "malformed multipart form (check its boundary): " + _SEND)
+    try:
+        message = BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+        if not message.is_multipart() or message.defects:
+            raise malformed
+        for part in message.iter_parts():
+            if part.get_param("name", header="content-disposition") == "file":
+                payload = part.get_payload(decode=True) or b""
+                return payload, part.get_filename() or "", _media_type(part.get("content-type", ""))
+    except RequestError:
+        raise
+    except Exception:  # a hostile form (e.g. nested a thousand deep) is the client's error, never a 500
+        raise malformed from None
     raise RequestError(400, "the multipart form has no 'file' field: " + _SEND)
 
 

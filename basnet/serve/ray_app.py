@@ -179,7 +179,7 @@ class Masker:
                                    default_threshold=self.cfg.threshold)
             content_type = request.headers.get("content-type", "")
             body = await self._body(request, multipart=content_type.lower().startswith("multipart/"))
-            data, filename = read_upload(body, content_type)
+            data, filename = await asyncio.to_thread(read_upload, body, content_type)  # a form's parse can be slow
             if len(data) > self.cfg.max_bytes:
                 raise RequestError(413, f"the image is {len(data)} bytes, above --max-bytes {self.cfg.max_bytes}")
             upload = await asyncio.to_thread(decode_upload, data, size=self.size, max_pixels=self.cfg.max_pixels,
@@ -194,7 +194,7 @@ class Masker:
             return _json(503, {"error": f"the model failed on this batch: {exc}"})
         self.stats["masks"] += 1
         stem = Path(upload.filename).stem or "mask"
-        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:100]
+        name = "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "_" for c in stem)[:100]  # Latin-1 header
         return Response(png, media_type="image/png", headers={
             "Content-Disposition": f'inline; filename="{name}.{options.format}.png"',
             "X-Image-Size": f"{upload.width}x{upload.height}"})
@@ -243,7 +243,13 @@ def build_app(args: dict) -> serve.Application:
     for key, value in from_dict(ServeConfig, dict(args), source="the application's args").__dict__.items():
         values[key] = _coerce(fields[key], value)
     cfg = ServeConfig(**values)
+    ignored = [k for k in ("host", "port", "address") if k in args]
+    if ignored:
+        raise UsageError(f"{ignored[0]} is not an application arg: set http_options (host, port) in the Serve "
+                         "config file, and the cluster with --address")
     cfg.check()
+    if ray.is_initialized():  # `serve run` and `serve deploy` build where Ray is up: size from the cluster
+        cfg = resolve_resources(cfg)
     return _deployment(cfg)
 
 
@@ -275,16 +281,22 @@ def _deployment(cfg: ServeConfig) -> serve.Application:
 
 def resolve_resources(cfg: ServeConfig) -> ServeConfig:
     """GPUs and CPUs per replica from the cluster: one GPU each where there are GPUs; else a node's CPUs
-    shared among the replicas (at least one each)."""
+    shared among the replicas (at least one each). A cluster that cannot hold the replicas is refused
+    here, in one line, instead of Serve waiting forever for them."""
     total = ray.cluster_resources()
     gpus = cfg.num_gpus_per_replica
     if gpus is None:
         gpus = 1.0 if total.get("GPU", 0) >= 1 else 0.0
+    replicas = cfg.replicas()
+    first = 1 if replicas == "auto" else replicas  # autoscaling starts from one and adds nodes
     cpus = cfg.num_cpus_per_replica
     if cpus is None:
         node_cpus = min((n["Resources"].get("CPU", 1) for n in ray.nodes() if n["Alive"]), default=1)
-        replicas = cfg.replicas()
-        cpus = 1.0 if gpus else float(max(1, int(node_cpus // (1 if replicas == "auto" else replicas))))
+        cpus = 1.0 if gpus else float(max(1, int(node_cpus // first)))
+    for name, each, flag in (("GPU", gpus, "--num-gpus-per-replica"), ("CPU", cpus, "--num-cpus-per-replica")):
+        if each and first * each > total.get(name, 0):
+            raise UsageError(f"{first} replica(s) x {each:g} {name} need more than the cluster's "
+                             f"{total.get(name, 0):g} {name}: lower {flag} or --num-replicas")
     return dataclasses.replace(cfg, num_gpus_per_replica=gpus, num_cpus_per_replica=cpus)
 
 

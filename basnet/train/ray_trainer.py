@@ -91,8 +91,11 @@ def _report(cfg: TrainConfig, m: dict, state: TrainingState, tracker: Tracker, *
     rank = ray.train.get_context().get_world_rank()
     if rank == 0:
         _print(_epoch_line(m))
-        record_epoch(_run_uri(), m)  # history.json and curves.png, beside the checkpoints
-        tracker.epoch(m["epoch"], m, _lr(state))
+        try:  # pictures and logs must never cost the run its checkpoint
+            record_epoch(_run_uri(), m)  # history.json and curves.png, beside the checkpoints
+            tracker.epoch(m["epoch"], m, _lr(state))
+        except Exception as exc:
+            logger.warning("epoch %d: cannot write the curves or the tracking logs: %s", m["epoch"], exc)
     if not (with_checkpoint and rank == 0):
         ray.train.report(m)
         return
@@ -189,20 +192,22 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         # Everything was done before a restart (a search killed after this run's last checkpoint
         # but before it noted the end): report the last epoch again, so the caller sees its result.
         ray.train.report(state.metrics)
-    for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        rng = np.random.default_rng([cfg.seed, epoch, rank])  # new crops every epoch, the same on a re-run
-        # drop_last: a last batch of one image would give BatchNorm a single value per channel.
-        rows = train_shard.iter_batches(batch_size=batch, prefetch_batches=2, drop_last=True,
-                                        local_shuffle_seed=cfg.seed + epoch,
-                                        local_shuffle_buffer_size=SHUFFLE_BATCHES * batch)
-        batches = (random_crop_flip_batch(b, cfg.crop_size, rng) for b in rows)
-        stats = train_epoch(state.model, batches, loss_fn, state.optimizer, device=device,
-                            precision=state.precision, scaler=state.scaler, memory_format=state.memory_format,
-                            epoch=epoch, log_every=cfg.log_every, steps=steps,
-                            on_log=on_log if rank == 0 else None)
-        sync_buffers(state.module)
-        _report(cfg, epoch_metrics(epoch, stats, val_metrics(), device), state, tracker, with_checkpoint=True)
-    tracker.close()
+    try:
+        for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            rng = np.random.default_rng([cfg.seed, epoch, rank])  # new crops every epoch, the same on a re-run
+            # drop_last: a last batch of one image would give BatchNorm a single value per channel.
+            rows = train_shard.iter_batches(batch_size=batch, prefetch_batches=2, drop_last=True,
+                                            local_shuffle_seed=cfg.seed + epoch,
+                                            local_shuffle_buffer_size=SHUFFLE_BATCHES * batch)
+            batches = (random_crop_flip_batch(b, cfg.crop_size, rng) for b in rows)
+            stats = train_epoch(state.model, batches, loss_fn, state.optimizer, device=device,
+                                precision=state.precision, scaler=state.scaler, memory_format=state.memory_format,
+                                epoch=epoch, log_every=cfg.log_every, steps=steps,
+                                on_log=on_log if rank == 0 else None)
+            sync_buffers(state.module)
+            _report(cfg, epoch_metrics(epoch, stats, val_metrics(), device), state, tracker, with_checkpoint=True)
+    finally:
+        tracker.close()
     return {"epoch": max(state.epoch, cfg.epochs), "replica_digests": replica_digests(state.module),
             "optimizer_state_devices": sorted({str(v.device) for s in state.optimizer.state.values()
                                                for v in s.values() if torch.is_tensor(v) and v.dim() > 0})}

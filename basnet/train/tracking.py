@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import tempfile
 
 from basnet import storage
 from basnet.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["TRACKERS", "default_tracking", "check_tracking", "open_tracker", "mlflow_uri", "Tracker",
            "TENSORBOARD_DIR", "MLFLOW_RUN_FILE"]
@@ -118,9 +121,13 @@ class MLflowTracker(Tracker):
         self.mlflow = mlflow
         self.record = storage.join(run_uri, MLFLOW_RUN_FILE)
         known = json.loads(storage.read_bytes(self.record)) if storage.exists(self.record) else None
+        self.run = None
         if known and known.get("tracking_uri") == mlflow.get_tracking_uri():
-            self.run = mlflow.start_run(run_id=known["run_id"])  # a resumed run continues its MLflow run
-        else:
+            try:
+                self.run = mlflow.start_run(run_id=known["run_id"])  # a resumed run continues its MLflow run
+            except Exception as exc:  # e.g. a local store on another node: log on, in a new MLflow run
+                logger.warning("cannot continue MLflow run %s (%s): starting a new one", known["run_id"], exc)
+        if self.run is None:
             mlflow.set_experiment("basnet-ray")
             self.run = mlflow.start_run(run_name=name)
             storage.write_bytes(self.record, json.dumps({"run_id": self.run.info.run_id,

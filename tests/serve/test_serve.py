@@ -70,7 +70,7 @@ def server(weights, tmp_path_factory):
     port = free_port()
     cmd = [sys.executable, str(REPO / "jobs" / "serve.py"), "--weights", weights, "--port", str(port),
            "--image-size", str(SIZE), "--max-batch-size", "4", "--batch-wait-ms", str(BATCH_WAIT_MS),
-           "--max-pixels", str(MAX_PIXELS), "--max-bytes", str(MAX_BYTES)]
+           "--max-pixels", str(MAX_PIXELS), "--max-bytes", str(MAX_BYTES), "--num-gpus-per-replica", "0"]
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
     banner = proc.stdout.readline()  # blocks until the app is running (or the process ends)
@@ -114,6 +114,7 @@ def test_help_documents_every_option_and_bad_arguments_exit_2_before_ray(weights
             f"cannot listen on 127.0.0.1:{taken}": ["--weights", weights, "--port", str(taken)],
             "--num-replicas must be a positive number or 'auto'": ["--weights", weights, "--num-replicas", "0"],
             "--image-size 50 is not a multiple of 32": ["--weights", weights, "--image-size", "50"],
+            "--batch-wait-ms must be 0 or more, got -1.0": ["--weights", weights, "--batch-wait-ms", "-1"],
         }
         for expected, args in cases.items():
             proc = subprocess.run([*job, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -121,6 +122,11 @@ def test_help_documents_every_option_and_bad_arguments_exit_2_before_ray(weights
             assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr  # one line
             assert proc.stderr.startswith("error: ") and expected in proc.stderr, proc.stderr
             assert "ray" not in proc.stdout.lower()  # Ray never started
+    # What only the cluster can tell is refused in one line too, instead of Serve waiting forever.
+    proc = subprocess.run([*job, "--weights", weights, "--port", str(free_port()), "--num-gpus-per-replica", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: 1 replica(s) x 1 GPU need more than the cluster's 0 GPU: lower --num-gpus-per-replica"), proc.stderr
 
 
 class socket_taken:
@@ -142,10 +148,11 @@ def test_healthz_and_info_describe_the_service(server, weights):
     status, kind, body = server.request("GET", "/healthz")
     assert (status, kind, json.loads(body)) == (200, "application/json", {"status": "ok"})
     info = server.info()
-    assert {k: info[k] for k in ("weights", "image_size", "precision", "device", "threads", "replicas",
-                                 "max_batch_size")} == {"weights": weights, "image_size": SIZE, "precision": "fp32",
-                                                        "device": "cpu", "threads": 2, "replicas": 1,
-                                                        "max_batch_size": 4}
+    assert {k: info[k] for k in ("weights", "image_size", "replicas", "max_batch_size")} == {
+        "weights": weights, "image_size": SIZE, "replicas": 1, "max_batch_size": 4}
+    # on CPU: fp32, and the replica's CPUs (all of this machine's, as the banner says) as its threads
+    assert (info["device"], info["precision"]) == ("cpu", "fp32")
+    assert f"{info['threads']} CPU and 0 GPU each" in server.banner
     assert info["replica"]["pid"] > 0 and info["replica"]["rss_bytes"] > 0
     assert server.url in server.banner
 

@@ -39,6 +39,8 @@ def test_the_serve_config_file_is_valid_and_its_builder_builds_the_app(weights):
         build_app({"weights": weights, "batch": 4})
     with pytest.raises(UserError, match="max_batch_size='many' is not a int"):
         build_app({"weights": weights, "max_batch_size": "many"})
+    with pytest.raises(UserError, match="port is not an application arg: set http_options"):
+        build_app({"weights": weights, "port": 9000})
 
 
 def test_mask_options_take_the_defaults_and_refuse_bad_values():
@@ -64,6 +66,9 @@ def test_uploads_are_refused_with_the_status_that_names_the_problem():
         (b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\nContent-Type: text/plain"
          b"\r\n\r\nab\r\n--x--\r\n", "multipart/form-data; boundary=x", 415, "'a.txt' is text/plain"),
         (b"garbage", "multipart/form-data", 400, "malformed multipart form"),
+        # nested a thousand forms deep: the parser's recursion is the client's problem, not a 500
+        (b"".join(f"--b{i}\r\nContent-Type: multipart/mixed; boundary=b{i + 1}\r\n\r\n".encode()
+                  for i in range(1000)), "multipart/form-data; boundary=b0", 400, "malformed multipart form"),
     ]
     for body, kind, status, words in cases:
         with pytest.raises(RequestError, match=words) as err:
