@@ -164,7 +164,8 @@ def predict_and_evaluate(weights: str, pairs: list[Pair], *, out: str, dataset: 
 
 
 def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig) -> Evaluation:
-    """Evaluates a training run's checkpoint on ``cfg.eval_data``; prints the metrics table last.
+    """Evaluates a training run's checkpoint on ``cfg.eval_data``; prints the metrics table, then names
+    the run's curves and the evaluation's contact sheets.
 
     Args:
         checkpoint_uri: The checkpoint directory (local or ``s3://``).
@@ -183,8 +184,8 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig) -> Evaluation:
                                       image_size=cfg.image_size, batch_size=cfg.batch_size or 8,
                                       precision=cfg.precision)
     write_report(evaluation, out)
-    pictures = [f"{checkpoint_uri.rstrip('/').rsplit('/', 1)[0]}/{CURVES_FILE}",
-                storage.join(out, "worst.png"), storage.join(out, "best.png")]
+    pictures = [storage.join(cfg.storage, cfg.name, CURVES_FILE), storage.join(out, "worst.png"),
+                storage.join(out, "best.png")]
     # after everything the logs and workers printed
     print_last(summary_text(evaluation, out) + "\n\npictures: " + "  ".join(pictures))
     return evaluation

@@ -281,7 +281,7 @@ def test_weights_mode_predicts_then_scores_end_to_end(ray_session, random_weight
 
 
 @pytest.mark.ray
-def test_evaluate_checkpoint_scores_the_sample_held_out_images_and_prints_the_table_last(
+def test_evaluate_checkpoint_scores_the_sample_held_out_images_and_ends_with_the_table_and_the_pictures(
         ray_session, random_weights, tmp_path, capsys):
     from basnet.data.discovery import evaluation_pairs
     from basnet.data.sample import ensure_sample
@@ -295,8 +295,10 @@ def test_evaluate_checkpoint_scores_the_sample_held_out_images_and_prints_the_ta
     out = tmp_path / "runs" / "demo" / "eval"  # the default <storage>/<name>/eval
     assert json.loads((out / "metrics.json").read_text())["counts"]["images"] == len(held_out)
     lines = capsys.readouterr().out.rstrip().splitlines()
-    assert lines[-4].startswith("| | maxF | relaxFb | MAE |")
-    assert lines[-1].startswith("| BASNet, paper (DUTS-TE) | 0.860 | 0.758 | 0.047 |")
+    assert lines[-6].startswith("| | maxF | relaxFb | MAE |")
+    assert lines[-3].startswith("| BASNet, paper (DUTS-TE) | 0.860 | 0.758 | 0.047 |")
+    assert lines[-2:] == ["", f"pictures: {tmp_path}/runs/demo/curves.png  {out}/worst.png  {out}/best.png"]
+    assert (out / "worst.png").exists() and (out / "best.png").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
