@@ -3,8 +3,8 @@
     make demo
     .venv/bin/python tools/readme_images.py            # reads demo_out/
 
-Writes docs/img/demo_curves.png (the demo run's curves.png), demo_best.png and demo_worst.png (the
-evaluation's contact sheets) and serve_page.png: the masking service's page (``python
+Writes docs/img/demo_curves.png (the demo run's curves.png), demo_best.png (the evaluation's
+contact sheet of its best held-out images) and serve_page.png: the masking service's page (``python
 jobs/serve.py`` with the demo's best checkpoint) in headless Chromium after one of the sample's
 held-out images was dropped on it.
 """
@@ -40,7 +40,7 @@ def serve_page(weights: str, out: Path, image: Path) -> None:
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1000, "height": 560})
+            page = browser.new_page(viewport={"width": 1000, "height": 600})
             page.goto(f"http://127.0.0.1:{port}/")
             page.wait_for_function("!document.getElementById('info').textContent.startsWith('loading')")
             page.set_input_files("#file", str(image))
@@ -69,8 +69,7 @@ def main() -> None:
     demo, out = Path(args.demo), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run = demo / "runs" / "demo"
-    for source, name in ((run / CURVES_FILE, "demo_curves.png"), (demo / "eval" / "best.png", "demo_best.png"),
-                         (demo / "eval" / "worst.png", "demo_worst.png")):
+    for source, name in ((run / CURVES_FILE, "demo_curves.png"), (demo / "eval" / "best.png", "demo_best.png")):
         shutil.copyfile(source, out / name)
         print(f"wrote {out / name}")
     sample = Path(generate_sample(tempfile.mkdtemp()))  # the demo's own sample: its held-out images
