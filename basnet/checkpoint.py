@@ -128,7 +128,25 @@ def load_model(source: str, *, map_location: Any = "cpu") -> BASNet:
         CheckpointError: The source cannot be read or its keys or shapes are
             not BASNet's (strict loading).
     """
-    state = load_checkpoint(source, map_location=map_location)["model"]
+    return _build_model(load_checkpoint(source, map_location=map_location)["model"], source, map_location)
+
+
+def load_for_inference(source: str, image_size: int | None = None) -> tuple[BASNet, int]:
+    """The model (on the CPU, eval mode) and the side masks are predicted at, from one read of the
+    weights: ``image_size`` if given, else the checkpoint's training size (``PUBLISHED_IMAGE_SIZE``
+    for published weights, which carry no config).
+
+    Raises:
+        CheckpointError: As :func:`load_model`.
+    """
+    payload = load_checkpoint(source)
+    trained = payload["config"] or {}
+    size = int(image_size or trained.get("image_size") or PUBLISHED_IMAGE_SIZE)
+    return _build_model(payload["model"], source, "cpu"), size
+
+
+def _build_model(state: dict[str, torch.Tensor], source: str, map_location: Any) -> BASNet:
+    """A BASNet holding ``state``, refused unless its keys and shapes are BASNet's (strict)."""
     model = BASNet()
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -188,15 +206,6 @@ def checkpoint_config(source: str) -> dict[str, Any] | None:
             raise CheckpointError(f"{config_uri} does not hold a mapping")
         return config
     return load_checkpoint(source)["config"]
-
-
-def inference_size(source: str, image_size: int | None = None) -> int:
-    """The side masks are predicted at: ``image_size`` if given, else the checkpoint's training size
-    (``PUBLISHED_IMAGE_SIZE`` for published weights, which carry no config)."""
-    if image_size is not None:
-        return int(image_size)
-    trained = checkpoint_config(source) or {}
-    return int(trained.get("image_size") or PUBLISHED_IMAGE_SIZE)
 
 
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

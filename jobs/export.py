@@ -40,16 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         import onnxscript  # noqa: F401
     except ImportError as exc:
         raise UsageError(f"{exc.name} is not installed: pip install -e '.[onnx]'") from None
-    from basnet.checkpoint import inference_size, load_model
+    from basnet.checkpoint import load_for_inference
     from basnet.export.onnx_model import check_onnx, export_onnx
 
-    size = inference_size(cfg.weights, cfg.image_size)
-    export_onnx(load_model(cfg.weights), cfg.out, image_size=size, opset=cfg.opset, fp16=cfg.fp16,
-                all_outputs=cfg.all_outputs)
+    model, size = load_for_inference(cfg.weights, cfg.image_size)
+    export_onnx(model, cfg.out, image_size=size, opset=cfg.opset, fp16=cfg.fp16, all_outputs=cfg.all_outputs)
     mb = Path(cfg.out).stat().st_size / 2**20
     print(f"wrote {cfg.out} ({mb:.0f} MB, opset {cfg.opset}, {'fp16' if cfg.fp16 else 'fp32'}, traced at {size} px)",
           flush=True)
-    rows = check_onnx(load_model(cfg.weights), cfg.out, sizes=cfg.sizes(), all_outputs=cfg.all_outputs)
+    rows = check_onnx(model, cfg.out, sizes=cfg.sizes(), all_outputs=cfg.all_outputs)
     tolerance = FP16_TOLERANCE if cfg.fp16 else FP32_TOLERANCE
     for row in rows:
         print(f"  batch {row.batch}, {row.size} x {row.size}: {row.outputs} output(s), largest |ONNX Runtime - "

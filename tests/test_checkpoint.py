@@ -10,7 +10,15 @@ import pytest
 import torch
 import yaml
 
-from basnet.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, load_model, save_checkpoint
+from basnet.checkpoint import (
+    CheckpointError,
+    checkpoint_config,
+    load_checkpoint,
+    load_for_inference,
+    load_model,
+    save_checkpoint,
+)
+from basnet.config import PUBLISHED_IMAGE_SIZE
 from basnet.model import BASNet
 
 LAYOUT = Path(__file__).parent / "fixtures" / "original_state_dict_layout.json"
@@ -177,3 +185,19 @@ def test_other_torch_payloads_are_rejected(tmp_path, payload, message):
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("target", ["directory", "model.pt", "published"])
+def test_load_for_inference_gives_the_model_and_its_training_size_from_one_read(original_state, tmp_path, target):
+    source = str(tmp_path / "basnet.pth")
+    if target == "published":
+        torch.save(original_state, source)
+    else:
+        source = save_checkpoint(str(tmp_path / "epoch_0001"), model_state=original_state,
+                                 config={"image_size": 64}, epoch=1, metrics={})
+        source = source if target == "directory" else str(Path(source) / "model.pt")
+    model, size = load_for_inference(source)
+    assert not model.training
+    _assert_same_tensors(model.state_dict(), original_state)
+    assert size == (PUBLISHED_IMAGE_SIZE if target == "published" else 64)
+    assert load_for_inference(source, 96)[1] == 96  # --image-size wins

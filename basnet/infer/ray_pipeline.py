@@ -159,9 +159,10 @@ class _PredictorActor:
 def _load_weights(uri: str, image_size: int | None):
     """The state dict (into the object store) and the inference size (the checkpoint's training size
     unless given)."""
-    from basnet.checkpoint import inference_size, load_model
+    from basnet.checkpoint import load_for_inference
 
-    return load_model(uri).state_dict(), inference_size(uri, image_size)
+    model, size = load_for_inference(uri, image_size)
+    return model.state_dict(), size
 
 
 _loaded: dict[tuple, tuple[ray.ObjectRef, ray.ObjectRef]] = {}  # the last weights this driver loaded

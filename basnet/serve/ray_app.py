@@ -29,7 +29,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from basnet.config import from_dict
+from basnet.config import from_dict, option_type
 from basnet.errors import UsageError
 from basnet.infer.config import cpu_batch_size
 from basnet.serve.config import ServeConfig
@@ -69,7 +69,7 @@ class Masker:
     def __init__(self, config: dict) -> None:
         import torch
 
-        from basnet.checkpoint import inference_size, load_model
+        from basnet.checkpoint import load_for_inference
         from basnet.infer.predictor import MaskPredictor
 
         self.cfg = cfg = ServeConfig(**config)
@@ -80,8 +80,8 @@ class Masker:
         if not use_gpu:  # Ray sets OMP_NUM_THREADS=1 in workers: the replica's CPUs are its threads
             self.threads = max(1, int(assigned.get("CPU", 1)))
             torch.set_num_threads(self.threads)
-        self.size = inference_size(cfg.weights, cfg.image_size)
-        self.predictor = MaskPredictor(load_model(cfg.weights).state_dict(), device=self.device,
+        model, self.size = load_for_inference(cfg.weights, cfg.image_size)
+        self.predictor = MaskPredictor(model.state_dict(), device=self.device,
                                        precision=cfg.precision, channels_last=cfg.channels_last,
                                        compile=cfg.compile, image_size=self.size)
         self.page = PAGE.read_bytes()
@@ -237,12 +237,10 @@ def _deployment_options(cfg: ServeConfig) -> dict:
 def build_app(args: dict) -> serve.Application:
     """The application builder of ``serve run basnet.serve.ray_app:build_app weights=...`` and of
     configs/serve.yaml: ``args`` are ``ServeConfig``'s options (strings from the command line are
-    converted)."""
+    converted as the flags convert them)."""
     fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
-    values = {}
-    for key, value in from_dict(ServeConfig, dict(args), source="the application's args").__dict__.items():
-        values[key] = _coerce(fields[key], value)
-    cfg = ServeConfig(**values)
+    values = {k: _coerce(fields[k], v) if k in fields else v for k, v in args.items()}
+    cfg = from_dict(ServeConfig, values, source="the application's args")  # refuses unknown keys
     ignored = [k for k in ("host", "port", "address") if k in args]
     if ignored:
         raise UsageError(f"{ignored[0]} is not an application arg: set http_options (host, port) in the Serve "
@@ -255,18 +253,15 @@ def build_app(args: dict) -> serve.Application:
 
 def _coerce(field: dataclasses.Field, value):
     """``serve run ... key=value`` passes strings; numbers and booleans are converted as the flags do."""
-    if not isinstance(value, str):
+    kind = option_type(ServeConfig, field)
+    if not isinstance(value, str) or kind is str:
         return value
-    kind = str(field.type)
-    if "bool" in kind:
+    if kind is bool:
         return value.strip().lower() in ("1", "true", "yes", "on")
-    for name, cast in (("int", int), ("float", float)):
-        if kind.startswith(name):
-            try:
-                return cast(value)
-            except ValueError:
-                raise UsageError(f"{field.name}={value!r} is not a {name}") from None
-    return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise UsageError(f"{field.name}={value!r} is not a {kind.__name__}") from None
 
 
 def _logging(cfg: ServeConfig) -> dict:
