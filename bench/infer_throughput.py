@@ -145,7 +145,8 @@ def job(input_dir: str, out: str, weights: str, args: argparse.Namespace):
     from basnet.infer.ray_pipeline import run_inference
 
     cfg = InferConfig(input=input_dir, output=out, weights=weights, image_size=args.image_size,
-                      batch_size=args.batch_size, actors=args.actors, actor_threads=args.actor_threads)
+                      batch_size=args.batch_size, actors=args.actors, actor_threads=args.actor_threads,
+                      runtime=args.runtime)
     with TreeMemory() as memory:
         first = FirstMask(out)
         start = time.perf_counter()
@@ -170,6 +171,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="the job's batch size (default: the job's)")
     parser.add_argument("--actors", type=int, default=None, help="the job's model replicas (default: auto)")
     parser.add_argument("--actor-threads", type=int, default=None, help="the job's torch threads (default: auto)")
+    parser.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"),
+                        help="the job's --runtime (the plain loop is PyTorch either way)")
     parser.add_argument("--scale", type=int, default=10, help="the memory run uses scale x N images (0: none)")
     parser.add_argument("--workdir", default=None, help="where images and masks go (default: a temp dir)")
     return parser.parse_args()
@@ -210,7 +213,7 @@ def report_speed(args: argparse.Namespace, seconds: tuple[float, float, float], 
     (loop_s, cold_s, job_s), n = seconds, args.n
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x {os.cpu_count()}"
     print(f"\n{n} images of {args.size} px, model at {args.image_size} px, batch {args.batch_size or 'auto'}, "
-          f"{device}")
+          f"job runtime {args.runtime}, {device}")
     print(f"plain loop          : {loop_s:7.1f} s  {n / loop_s:7.2f} images/s              load {loads[0]:.1f}")
     print(f"job, cold Ray       : {cold_s:7.1f} s  {n / cold_s:7.2f} images/s  ratio {loop_s / cold_s:.2f}x  "
           f"load {loads[1]:.1f}")

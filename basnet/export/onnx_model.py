@@ -50,9 +50,13 @@ class Saliency(nn.Module):
 
 def export_onnx(model: BASNet, path: str, *, image_size: int, opset: int = 18, fp16: bool = False,
                 all_outputs: bool = False) -> None:
-    """Writes ``model`` (eval mode, on the CPU) as one ONNX file at ``path`` (no external data)."""
+    """Writes ``model`` (eval mode, on the CPU) as one ONNX file at ``path`` (no external data).
+
+    The graph is traced at ``image_size``, or at 64 px when that is 32: ``torch.export`` treats a
+    dimension of size 1 (32 px / 32) as a constant, which would fix the graph's height and width."""
     wrapper = Saliency(model.eval(), all_outputs=all_outputs, fp16=fp16).eval()
-    example = torch.zeros(2, 3, image_size, image_size)
+    side = max(image_size, 64)
+    example = torch.zeros(2, 3, side, side)
     batch = torch.export.Dim("batch", min=1, max=1024)
     height, width = torch.export.Dim("h32", min=1, max=512), torch.export.Dim("w32", min=1, max=512)
     names = list(OUTPUTS if all_outputs else OUTPUTS[:1])
@@ -66,12 +70,17 @@ def export_onnx(model: BASNet, path: str, *, image_size: int, opset: int = 18, f
     logger.debug("exporter: %s", chatter.getvalue())
 
 
-def ort_session(path: str):
+def ort_session(model: str | bytes, *, threads: int | None = None):
+    """An ONNX Runtime CPU session of an exported file (a path) or its bytes; ``threads``: intra-op
+    threads (default: ONNX Runtime's, one per physical core)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # warnings about unused initialisers are not the user's concern
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass
 
@@ -10,7 +11,9 @@ from basnet.config import PRECISIONS, check_options, option
 from basnet.errors import ConfigError
 from basnet.transforms import FORMATS
 
-__all__ = ["InferConfig", "FORMATS", "cpu_batch_size"]
+__all__ = ["InferConfig", "FORMATS", "RUNTIMES", "cpu_batch_size"]
+
+RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass
@@ -34,6 +37,9 @@ class InferConfig:
     task_batch_size: int = option(32, "images per batch of the CPU decode and write tasks", positive=True)
     precision: str = option("auto", "auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU; "
                                   "or fp32, bf16, fp16", choices=PRECISIONS)
+    runtime: str = option("torch", "what runs the model: torch, or onnxruntime on CPU replicas (the weights "
+                                 "exported to ONNX once per job; needs the onnx extra; see docs/infer.md)",
+                        choices=RUNTIMES)
     channels_last: bool | None = option(None, "channels_last (NHWC) model and inputs (default: on GPUs)")
     compile: bool = option(False, "torch.compile the model in each replica (slower start, faster batches)")
     actors: int | None = option(None, "model replicas (default: one per GPU, or one per node without GPUs)",
@@ -68,8 +74,23 @@ class InferConfig:
             if not getattr(self, key):
                 raise ConfigError(f"--{key} is required (see --help)")
         check_options(self)
+        if self.runtime == "onnxruntime":
+            self._check_onnxruntime()
         self.resources("actor_resources")
         self.resources("task_resources")
+
+    def _check_onnxruntime(self) -> None:
+        torch_only = [flag for flag, on in (("--compile", self.compile), ("--channels-last", self.channels_last),
+                                            (f"--precision {self.precision}", self.precision in ("bf16", "fp16")),
+                                            ("--num-gpus-per-actor", bool(self.num_gpus_per_actor)))
+                      if on]
+        if torch_only:
+            raise ConfigError(f"{torch_only[0]} is for --runtime torch (onnxruntime runs fp32 on CPUs): "
+                              "drop it, or use --runtime torch")
+        missing = [name for name in ("onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ConfigError(f"--runtime onnxruntime needs {' and '.join(missing)}: "
+                              "pip install 'basnet-ray[onnx]' (on every node), or use --runtime torch")
 
     def resources(self, key: str) -> dict[str, float]:
         """Parses a JSON resources option into ``{name: amount}``."""

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from basnet.device import compile_model, memory_format, resolve_precision
+from basnet.device import compile_model, memory_format, resolve_precision, to_model_input
 from basnet.infer.manifest import PENDING
 from basnet.model import BASNet
 from basnet.predict import predict_probabilities
@@ -30,28 +30,42 @@ class ModelError(RuntimeError):
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """A CUDA or CPU allocation failure (``torch.OutOfMemoryError``, or the CPU allocator's message)."""
-    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+    """A CUDA or CPU allocation failure (``torch.OutOfMemoryError``, or the CPU allocator's or ONNX
+    Runtime's message)."""
+    text = str(exc)
+    return (isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text
+            or "Failed to allocate memory" in text)
 
 
 class MaskPredictor:
     """Saliency maps at the model's size for a decoded batch; rows not pending pass through.
 
     Args:
-        state_dict: BASNet weights.
+        state_dict: BASNet weights; with ``runtime="onnxruntime"``, the model exported to ONNX (bytes).
         device: Where the model runs.
         precision: ``--precision`` (auto: bf16 on GPUs that support it, fp16 on older ones, fp32 on CPU).
         channels_last: ``--channels-last`` (None: on GPUs).
         compile: ``--compile``: torch.compile the model.
         image_size: The side of the decoded images (their bytes hold ``image_size**2 * 3`` values).
+        runtime: ``torch``, or ``onnxruntime`` (CPU only; as many intra-op threads as torch has).
     """
 
-    def __init__(self, state_dict: dict[str, torch.Tensor], *, device: torch.device, precision: str = "auto",
-                 channels_last: bool | None = None, compile: bool = False, image_size: int = 256) -> None:
+    def __init__(self, state_dict: dict[str, torch.Tensor] | bytes, *, device: torch.device, precision: str = "auto",
+                 channels_last: bool | None = None, compile: bool = False, image_size: int = 256,
+                 runtime: str = "torch") -> None:
         self.device, self.size = device, image_size
+        self.max_batch: int | None = None  # lowered after an out-of-memory error
+        self.session = None
+        if runtime == "onnxruntime":
+            if device.type != "cpu":
+                raise ValueError("the onnxruntime runtime runs on the CPU")
+            from basnet.export.onnx_model import ort_session
+
+            self.session = ort_session(state_dict, threads=torch.get_num_threads())
+            self.input_name = self.session.get_inputs()[0].name
+            return
         self.precision = resolve_precision(precision, device)
         self.memory_format = memory_format(channels_last, device)
-        self.max_batch: int | None = None  # lowered after an out-of-memory error
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every batch has the same input size
         with torch.device("meta"):  # no random init of 87 M parameters that are overwritten next
@@ -91,6 +105,15 @@ class MaskPredictor:
         return np.concatenate(maps)
 
     def _forward(self, images: np.ndarray) -> np.ndarray:
+        if self.session is not None:
+            return _minmax(self.session.run(None, {self.input_name: to_model_input(images).numpy()})[0][:, 0])
         tensor = torch.from_numpy(np.ascontiguousarray(images))
         return predict_probabilities(self.model, tensor, device=self.device, precision=self.precision,
                                      memory_format=self.memory_format).numpy()
+
+
+def _minmax(prob: np.ndarray) -> np.ndarray:
+    """Per-image min-max of (N, H, W) maps, as ``predict_probabilities`` does."""
+    lo = prob.min(axis=(1, 2), keepdims=True)
+    hi = prob.max(axis=(1, 2), keepdims=True)
+    return ((prob - lo) / np.maximum(hi - lo, np.float32(1e-8))).astype(np.float32, copy=False)

@@ -95,6 +95,8 @@ def resolve_resources(cfg: InferConfig) -> InferConfig:
     """
     total = ray.cluster_resources()
     gpus = total.get("GPU", 0.0)
+    if cfg.runtime == "onnxruntime":
+        gpus = 0.0  # CPU replicas even on a cluster with GPUs (InferConfig refuses --num-gpus-per-actor)
     num_gpus = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor is not None else (1.0 if gpus else 0.0)
     node_cpus = _alive_node_cpus() or [total.get("CPU", 1.0)]
     actors = cfg.actors or (max(1, int(gpus // num_gpus)) if num_gpus else len(node_cpus))
@@ -156,13 +158,24 @@ class _PredictorActor:
 
 
 @ray.remote(num_returns=2, max_calls=1, **_LIGHT)  # its worker exits after: no torch left in the CPU stages
-def _load_weights(uri: str, image_size: int | None):
-    """The state dict (into the object store) and the inference size (the checkpoint's training size
-    unless given)."""
+def _load_weights(uri: str, image_size: int | None, runtime: str = "torch"):
+    """What the replicas load (into the object store) and the inference size (the checkpoint's
+    training size unless given): the state dict, or for ``onnxruntime`` the model exported to ONNX
+    once here, at that size (the graph's batch, height and width stay dynamic)."""
     from basnet.checkpoint import load_for_inference
 
     model, size = load_for_inference(uri, image_size)
-    return model.state_dict(), size
+    if runtime != "onnxruntime":
+        return model.state_dict(), size
+    import tempfile
+
+    from basnet.export.onnx_model import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "basnet.onnx")
+        export_onnx(model, path, image_size=size)
+        with open(path, "rb") as f:
+            return f.read(), size
 
 
 _loaded: dict[tuple, tuple[ray.ObjectRef, ray.ObjectRef]] = {}  # the last weights this driver loaded
@@ -172,10 +185,10 @@ def _weights(cfg: InferConfig) -> tuple[ray.ObjectRef, ray.ObjectRef]:
     """The state dict's and image size's refs, loaded once per driver, Ray session and weights
     version: a second run in one process (a benchmark, a notebook, the evaluation of several
     checkpoints) starts without reading and unpickling 350 MB again."""
-    key = (ray.get_runtime_context().get_job_id(), cfg.weights, cfg.image_size, _versions(cfg.weights))
+    key = (ray.get_runtime_context().get_job_id(), cfg.weights, cfg.image_size, cfg.runtime, _versions(cfg.weights))
     if key not in _loaded:
         _loaded.clear()  # only the latest: each holds 350 MB of the object store
-        _loaded[key] = tuple(_load_weights.remote(cfg.weights, cfg.image_size))
+        _loaded[key] = tuple(_load_weights.remote(cfg.weights, cfg.image_size, cfg.runtime))
     return _loaded[key]
 
 
@@ -271,7 +284,8 @@ def build_dataset(plan: InferPlan, units: list[dict], weights_ref: ray.ObjectRef
         "size": cfg.image_size, "max_pixels": cfg.max_pixels, "keep_bytes": cfg.format == "rgba",
         "overwrite": cfg.overwrite, "batch_size": cfg.task_batch_size},
         compute=ray.data.TaskPoolStrategy(size=_task_pools(cfg)[1]), **task_args)
-    options = {"precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile}
+    options = {"precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile,
+               "runtime": cfg.runtime}
     write = {"fmt": cfg.format, "threshold": cfg.threshold, "size": cfg.image_size}
     in_actor = _write_in_actor(cfg)
     ds = ds.map_batches(_PredictorActor, fn_constructor_kwargs={
@@ -327,9 +341,9 @@ def execute(plan: InferPlan) -> InferSummary:
     cfg = resolve_resources(dataclasses.replace(cfg, image_size=_get(size_ref, state_ref)))
     plan = dataclasses.replace(plan, config=cfg)
     save_config(cfg, plan.config_uri, plan.run_id)  # now with the size and resources resolved
-    logger.info("masking %s into %s at %d px: %d listing unit(s), %d actor(s), %.2g GPU, %.2g CPU and "
+    logger.info("masking %s into %s at %d px: %d listing unit(s), %d %s actor(s), %.2g GPU, %.2g CPU and "
                 "%d thread(s) each", cfg.input or f"{sum(len(u['uris']) for u in units)} images", plan.output_root,
-                cfg.image_size, len(units), cfg.actors, cfg.num_gpus_per_actor, cfg.cpus_per_actor,
+                cfg.image_size, len(units), cfg.actors, cfg.runtime, cfg.num_gpus_per_actor, cfg.cpus_per_actor,
                 cfg.actor_threads)
     writer = ManifestWriter(plan.output_root, plan.run_id)
     monitor, progress = RunMonitor(cfg.max_failed_fraction), Progress(None)

@@ -111,6 +111,19 @@ def test_pipeline_masks_equal_direct_model_calls_within_one_grey_level(collectio
         assert np.abs(piped - direct).max() <= 1, rel
 
 
+def test_onnxruntime_runtime_masks_equal_the_torch_runs_within_one_grey_level(collection, local_run, weights,
+                                                                             tmp_path):
+    root, _ = collection
+    out, local = local_run
+    summary = run_inference(config(root, str(tmp_path / "ort"), weights, runtime="onnxruntime"))
+    assert (summary.written, summary.failed) == (local.written, local.failed)
+    assert yaml.safe_load(storage.read_bytes(summary.config))["runtime"] == "onnxruntime"
+    here, there = pngs(out), pngs(str(tmp_path / "ort"))
+    assert here.keys() == there.keys()
+    worst = max(np.abs(grey(here[rel]).astype(np.int16) - grey(there[rel])).max() for rel in here)
+    assert worst <= 1, worst
+
+
 def test_s3_in_and_out_gives_byte_equal_masks_to_the_local_run(collection, local_run, weights, s3_bucket):
     root, _ = collection
     out, local = local_run
@@ -255,6 +268,8 @@ def test_killed_run_resumes_writing_only_the_missing_masks(ray_session, weights,
     (["--weights", "NOT_TORCH"], "not a readable torch file"),
     (["--output", "UNDER_A_FILE"], "cannot write to --output"),
     (["--image-size", "100"], "not a multiple of 32"),
+    (["--runtime", "onnxruntime", "--precision", "bf16"], "--precision bf16 is for --runtime torch"),
+    (["--runtime", "onnxruntime", "--num-gpus-per-actor", "1"], "--num-gpus-per-actor is for --runtime torch"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, collection, weights, tmp_path):
     root, _ = collection
