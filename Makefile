@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install browser clean
+REMBG_VENV := .venv-rembg
+REMBG_STAMP := $(REMBG_VENV)/.installed
+
+.PHONY: demo test install browser rembg clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +29,18 @@ browser:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-test: $(STAMP) browser
+# rembg from PyPI, which a test runs on this project's ONNX export, in an environment of its own: it needs
+# scikit-image 0.26 (pysodmetrics, in .venv, wants < 0.26) and its command line pins fastapi below Ray Serve's.
+$(REMBG_STAMP):
+	$(PYTHON) -m venv $(REMBG_VENV)
+	$(REMBG_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(REMBG_VENV)/bin/python -m pip install --quiet 'rembg[cpu,cli]==2.0.86'
+	touch $(REMBG_STAMP)
+
+rembg: $(REMBG_STAMP)
+
+test: $(STAMP) browser $(REMBG_STAMP)
 	$(PY) -m pytest -q --durations=10 tests
 
 clean:
-	rm -rf $(VENV) demo_out runs .pytest_cache
+	rm -rf $(VENV) $(REMBG_VENV) demo_out runs .pytest_cache

@@ -98,6 +98,17 @@ def weights(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def exported(weights, tmp_path_factory) -> tuple[str, str]:
+    """``jobs/export.py`` on the session's random weights at 64 px, as a user runs it: its own check
+    passes. Returns the ONNX file's path (alone in its folder) and what the job printed."""
+    out = str(tmp_path_factory.mktemp("onnx") / "basnet.onnx")
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "export.py"), "--weights", weights, "--out", out,
+                           "--image-size", "64"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+@pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> str:
     """The embedded sample, generated once per session, small."""
     from basnet.data.sample import generate_sample

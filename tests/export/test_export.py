@@ -4,13 +4,10 @@ the job's arguments; and ONNX Runtime's masks through this project's rendering."
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 import torch
 from PIL import Image
 
@@ -23,18 +20,7 @@ from basnet.transforms import decode_image, render_output, resize_image
 
 from conftest import load_job
 
-REPO = Path(__file__).resolve().parents[2]
 SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def exported(weights, tmp_path_factory) -> tuple[str, str]:
-    """``jobs/export.py`` as a user runs it: its own check passes and it says so."""
-    out = str(tmp_path_factory.mktemp("onnx") / "basnet.onnx")
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "export.py"), "--weights", weights, "--out", out,
-                           "--image-size", str(SIZE)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
 
 
 def test_export_and_onnx_runtime_agree_to_1e4_at_batch_1_and_3_at_64_and_96_px(exported, weights):
