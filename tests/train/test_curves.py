@@ -41,3 +41,30 @@ def test_curves_draw_from_a_single_untrained_epoch_and_on_s3(s3_bucket):
     record_epoch(run, epoch(1, 3.0))
     assert [r["epoch"] for r in read_history(run)] == [0, 1]
     assert storage.exists(storage.join(run, HISTORY_FILE)) and storage.exists(storage.join(run, CURVES_FILE))
+
+
+def test_tensorboard_events_on_s3_are_copied_up_every_epoch_and_read_back(s3_bucket, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from basnet.train.tracking import TENSORBOARD_DIR, open_tracker
+
+    run = f"{s3_bucket}/runs/tb"
+    tracker = open_tracker("tensorboard", run_uri=run, name="tb", rank=0)
+    tracker.config({"lr": 0.001})
+    tracker.step(1, 2.5, 0.001)
+    tracker.epoch(1, {"train_loss": 2.5, "val_mae": 0.25, "val_max_f": 0.5, "images_per_s": 3.0}, 0.001)
+
+    def pulled() -> EventAccumulator:
+        remote = storage.join(run, TENSORBOARD_DIR)
+        local = tmp_path / "pulled"
+        local.mkdir(exist_ok=True)
+        for uri in storage.list_files(remote):
+            (local / uri.rsplit("/", 1)[1]).write_bytes(storage.read_bytes(uri))
+        return EventAccumulator(str(local)).Reload()
+
+    events = pulled()  # after the first epoch, before close
+    assert [e.value for e in events.Scalars("epoch/val_mae")] == [0.25]
+    assert [(e.step, e.value) for e in events.Scalars("step/loss")] == [(1, 2.5)]
+    tracker.epoch(2, {"train_loss": 2.0, "val_mae": 0.125, "val_max_f": 0.75, "images_per_s": 3.0}, 0.001)
+    tracker.close()
+    assert [(e.step, e.value) for e in pulled().Scalars("epoch/val_mae")] == [(1, 0.25), (2, 0.125)]
