@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 REMBG_VENV := .venv-rembg
-REMBG_STAMP := $(REMBG_VENV)/.installed
+REMBG_VERSION := 2.0.86
+REMBG_STAMP := $(REMBG_VENV)/.installed-$(REMBG_VERSION)
 
 .PHONY: demo test install browser rembg clean
 
@@ -31,10 +32,11 @@ browser:
 
 # rembg from PyPI, which a test runs on this project's ONNX export, in an environment of its own: it needs
 # scikit-image 0.26 (pysodmetrics, in .venv, wants < 0.26) and its command line pins fastapi below Ray Serve's.
+# Python 3.11 or newer (rembg's own requirement). The stamp names the version: a new pin reinstalls.
 $(REMBG_STAMP):
 	$(PYTHON) -m venv $(REMBG_VENV)
 	$(REMBG_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(REMBG_VENV)/bin/python -m pip install --quiet 'rembg[cpu,cli]==2.0.86'
+	$(REMBG_VENV)/bin/python -m pip install --quiet 'rembg[cpu,cli]==$(REMBG_VERSION)'
 	touch $(REMBG_STAMP)
 
 rembg: $(REMBG_STAMP)

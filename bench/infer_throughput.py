@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from basnet import storage  # noqa: E402
 from basnet.checkpoint import load_model  # noqa: E402
 from basnet.device import resolve_precision  # noqa: E402
-from basnet.infer.config import InferConfig  # noqa: E402
+from basnet.infer.config import RUNTIMES, InferConfig  # noqa: E402
 from basnet.model import BASNet  # noqa: E402
 from basnet.predict import predict_probabilities  # noqa: E402
 from basnet.transforms import decode_image, encode_png, resize_image, resize_mask, to_grey  # noqa: E402
@@ -171,7 +171,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="the job's batch size (default: the job's)")
     parser.add_argument("--actors", type=int, default=None, help="the job's model replicas (default: auto)")
     parser.add_argument("--actor-threads", type=int, default=None, help="the job's torch threads (default: auto)")
-    parser.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"),
+    parser.add_argument("--runtime", default="torch", choices=RUNTIMES,
                         help="the job's --runtime (the plain loop is PyTorch either way)")
     parser.add_argument("--scale", type=int, default=10, help="the memory run uses scale x N images (0: none)")
     parser.add_argument("--workdir", default=None, help="where images and masks go (default: a temp dir)")

@@ -49,17 +49,15 @@ def main() -> None:
 
     import onnxruntime as ort
 
+    from basnet.export.onnx_model import ort_session
+
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = BASNet().eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "basnet.onnx")
         export_onnx(model, path, image_size=64)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session = ort_session(path, threads=args.threads)  # as a bulk-job replica opens it
         print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} threads, "
               f"{args.rounds} rounds per case (median)")
         print(f"{'side':>5} {'batch':>5} {'torch s/img':>12} {'ORT s/img':>10} {'ratio':>6} {'max diff (grey)':>16}")

@@ -29,7 +29,6 @@ import argparse
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -161,7 +160,11 @@ def main() -> None:
     args = parser.parse_args()
     if not Path(args.rembg).exists():
         sys.exit(f"error: {args.rembg} not found: run `make rembg` first")
-    work = tempfile.mkdtemp(prefix="rembg-compare-")
+    with tempfile.TemporaryDirectory(prefix="rembg-compare-") as work:
+        compare(args, work)
+
+
+def compare(args: argparse.Namespace, work: str) -> None:
     weights = args.weights
     if not weights:
         import torch
@@ -185,7 +188,6 @@ def main() -> None:
         sys.exit(f"error: rembg failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     our_masks(weights, images, os.path.join(work, "job"))
     print_table(account(model_path, images, os.path.join(work, "rembg"), os.path.join(work, "job")))
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python jobs/export.py --weights runs/basnet/epoch_0100 --out basnet.onnx
     python jobs/export.py --weights basnet.pth --out basnet-fp16.onnx --fp16
-    rembg p -m u2net_custom -x '{"model_path": "basnet.onnx"}' photos/ cutouts/
+    rembg p -m u2net_custom -x '{"model_path": "~/.u2net/basnet.onnx"}' photos/ cutouts/   # under rembg's home
 
 Input: float32 (N, 3, H, W), RGB in [0, 1] normalised with the ImageNet mean and std; N, H and W are
 dynamic (H and W multiples of 32). Output "saliency": (N, 1, H, W) in [0, 1], the sigmoid of the
@@ -41,12 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         raise UsageError(f"{exc.name} is not installed: pip install -e '.[onnx]'") from None
     from basnet.checkpoint import load_for_inference
-    from basnet.export.onnx_model import check_onnx, export_onnx
+    from basnet.export.onnx_model import check_onnx, export_onnx, trace_side
 
     model, size = load_for_inference(cfg.weights, cfg.image_size)
     export_onnx(model, cfg.out, image_size=size, opset=cfg.opset, fp16=cfg.fp16, all_outputs=cfg.all_outputs)
     mb = Path(cfg.out).stat().st_size / 2**20
-    print(f"wrote {cfg.out} ({mb:.0f} MB, opset {cfg.opset}, {'fp16' if cfg.fp16 else 'fp32'}, traced at {size} px)",
+    print(f"wrote {cfg.out} ({mb:.0f} MB, opset {cfg.opset}, {'fp16' if cfg.fp16 else 'fp32'}, traced at {trace_side(size)} px)",
           flush=True)
     rows = check_onnx(model, cfg.out, sizes=cfg.sizes(), all_outputs=cfg.all_outputs)
     tolerance = FP16_TOLERANCE if cfg.fp16 else FP32_TOLERANCE

@@ -25,7 +25,7 @@ class ExportConfig:
                                "checked to 1e-2 instead of 1e-4")
     all_outputs: bool = option(False, "return all 8 maps (refined first, then the 7 side outputs), each with its "
                                       "sigmoid; default: the refined map only")
-    image_size: int | None = option(None, "the side the graph is traced and first checked at, a multiple of 32 "
+    image_size: int | None = option(None, "the side the graph is traced at (32 is traced at 64), a multiple of 32 "
                                           "(default: the checkpoint's training size; any multiple of 32 runs)",
                                     multiple_of=32)
     check_sizes: str = option("64,96", "sides (multiples of 32) the export is checked at against PyTorch, "

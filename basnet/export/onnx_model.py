@@ -25,7 +25,7 @@ from torch import nn
 from basnet.device import to_model_input
 from basnet.model import BASNet
 
-__all__ = ["Saliency", "export_onnx", "check_onnx", "CheckRow", "ort_session"]
+__all__ = ["Saliency", "export_onnx", "check_onnx", "CheckRow", "ort_session", "trace_side"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def export_onnx(model: BASNet, path: str, *, image_size: int, opset: int = 18, f
     The graph is traced at ``image_size``, or at 64 px when that is 32: ``torch.export`` treats a
     dimension of size 1 (32 px / 32) as a constant, which would fix the graph's height and width."""
     wrapper = Saliency(model.eval(), all_outputs=all_outputs, fp16=fp16).eval()
-    side = max(image_size, 64)
+    side = trace_side(image_size)
     example = torch.zeros(2, 3, side, side)
     batch = torch.export.Dim("batch", min=1, max=1024)
     height, width = torch.export.Dim("h32", min=1, max=512), torch.export.Dim("w32", min=1, max=512)
@@ -68,6 +68,11 @@ def export_onnx(model: BASNet, path: str, *, image_size: int, opset: int = 18, f
                           external_data=False, verbose=False)
     os.replace(tmp, path)  # never a half-written model at --out
     logger.debug("exporter: %s", chatter.getvalue())
+
+
+def trace_side(image_size: int) -> int:
+    """The side ``export_onnx`` traces at: ``image_size``, but 64 for 32 (see there)."""
+    return max(image_size, 64)
 
 
 def ort_session(model: str | bytes, *, threads: int | None = None):

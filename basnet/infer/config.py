@@ -37,18 +37,19 @@ class InferConfig:
     task_batch_size: int = option(32, "images per batch of the CPU decode and write tasks", positive=True)
     precision: str = option("auto", "auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU; "
                                   "or fp32, bf16, fp16", choices=PRECISIONS)
-    runtime: str = option("torch", "what runs the model: torch, or onnxruntime on CPU replicas (the weights "
-                                 "exported to ONNX once per job; needs the onnx extra; see docs/infer.md)",
+    runtime: str = option("torch", "what runs the model: torch, or onnxruntime on CPU replicas only, even on "
+                                 "a cluster with GPUs (the weights exported to ONNX once, kept for the driver's "
+                                 "next run; needs the onnx extra on every node; see docs/infer.md)",
                         choices=RUNTIMES)
     channels_last: bool | None = option(None, "channels_last (NHWC) model and inputs (default: on GPUs)")
     compile: bool = option(False, "torch.compile the model in each replica (slower start, faster batches)")
     actors: int | None = option(None, "model replicas (default: one per GPU, or one per node without GPUs)",
                                 positive=True)
     num_gpus_per_actor: float | None = option(None, "GPUs per model replica (default 1 if the cluster "
-                                                  "has GPUs, else 0)", at_least=0)
+                                                  "has GPUs and --runtime is torch, else 0)", at_least=0)
     cpus_per_actor: float | None = option(None, "CPUs per model replica (default 1 with a GPU; without, "
                                               "its node's CPUs less the decode/write share)", positive=True)
-    actor_threads: int | None = option(None, "torch threads per model replica on CPU (default: its node's CPUs "
+    actor_threads: int | None = option(None, "torch (or ONNX Runtime) threads per model replica on CPU (default: its node's CPUs "
                                              "shared among the node's replicas; with a GPU, its CPUs)",
                                        positive=True)
     actor_resources: str | None = option(None, "custom Ray resources each model replica needs, as JSON, "
@@ -88,7 +89,7 @@ class InferConfig:
             raise ConfigError(f"{torch_only[0]} is for --runtime torch (onnxruntime runs fp32 on CPUs): "
                               "drop it, or use --runtime torch")
         missing = [name for name in ("onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
-        if missing:
+        if missing and not self.dry_run:  # a dry run loads no model
             raise ConfigError(f"--runtime onnxruntime needs {' and '.join(missing)}: "
                               "pip install 'basnet-ray[onnx]' (on every node), or use --runtime torch")
 

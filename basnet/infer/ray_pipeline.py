@@ -92,6 +92,7 @@ def resolve_resources(cfg: InferConfig) -> InferConfig:
     With GPUs: one actor per GPU (or per ``--num-gpus-per-actor``), 1 CPU each. Without: one actor
     per node; it reserves its node's CPUs less the decode and write share, and runs as many torch
     threads as its node has CPUs (the model is the bottleneck; see docs/infer.md for the figures).
+    ``--runtime onnxruntime`` always takes the second way, GPUs or not.
     """
     total = ray.cluster_resources()
     gpus = total.get("GPU", 0.0)
@@ -169,7 +170,14 @@ def _load_weights(uri: str, image_size: int | None, runtime: str = "torch"):
         return model.state_dict(), size
     import tempfile
 
-    from basnet.export.onnx_model import export_onnx
+    try:
+        import onnxruntime  # noqa: F401 (for the replicas: this node stands for them)
+        import onnxscript  # noqa: F401 (the exporter's)
+
+        from basnet.export.onnx_model import export_onnx
+    except ImportError as exc:  # the driver had them; this node has not
+        raise UsageError(f"--runtime onnxruntime: {exc} on a node of the cluster: install the onnx extra "
+                         "on every node, or use --runtime torch") from None
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "basnet.onnx")
@@ -182,9 +190,10 @@ _loaded: dict[tuple, tuple[ray.ObjectRef, ray.ObjectRef]] = {}  # the last weigh
 
 
 def _weights(cfg: InferConfig) -> tuple[ray.ObjectRef, ray.ObjectRef]:
-    """The state dict's and image size's refs, loaded once per driver, Ray session and weights
-    version: a second run in one process (a benchmark, a notebook, the evaluation of several
-    checkpoints) starts without reading and unpickling 350 MB again."""
+    """The refs of what the replicas load (state dict or ONNX graph) and of the image size, loaded
+    once per driver, Ray session, weights version and runtime: a second run in one process (a
+    benchmark, a notebook, the evaluation of several checkpoints) starts without reading and
+    unpickling 350 MB again, or exporting again (18-20 s on 2 CPUs)."""
     key = (ray.get_runtime_context().get_job_id(), cfg.weights, cfg.image_size, cfg.runtime, _versions(cfg.weights))
     if key not in _loaded:
         _loaded.clear()  # only the latest: each holds 350 MB of the object store

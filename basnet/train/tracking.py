@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 
 from basnet import storage
@@ -94,13 +95,20 @@ class TensorBoardTracker(Tracker):
         for name, value in {**_finite(metrics), "epoch/lr": lr}.items():
             self.writer.add_scalar(name, value, epoch)
         self.writer.flush()
+        self._upload()
+
+    def _upload(self) -> None:
         if self.remote:
             for name in os.listdir(self.local):
                 with open(os.path.join(self.local, name), "rb") as f:
                     storage.write_bytes(storage.join(self.remote, name), f.read())
 
     def close(self) -> None:
+        """Closes the event file; on S3, uploads what came after the last epoch and drops the local copy."""
         self.writer.close()
+        if self.remote:
+            self._upload()
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 def mlflow_uri() -> str:

@@ -10,10 +10,12 @@ import sys
 import time
 
 import numpy as np
+import onnx
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 import yaml
 from PIL import Image
@@ -22,6 +24,7 @@ from basnet import storage
 from basnet.checkpoint import load_model
 from basnet.infer.config import InferConfig
 from basnet.infer.manifest import read_run_manifest
+from basnet.infer import ray_pipeline
 from basnet.infer.ray_pipeline import run_inference
 from basnet.predict import predict_probabilities
 from basnet.transforms import decode_image, resize_image, resize_mask
@@ -117,6 +120,9 @@ def test_onnxruntime_runtime_masks_equal_the_torch_runs_within_one_grey_level(co
     out, local = local_run
     summary = run_inference(config(root, str(tmp_path / "ort"), weights, runtime="onnxruntime"))
     assert (summary.written, summary.failed) == (local.written, local.failed)
+    (graph_ref, _), = ray_pipeline._loaded.values()  # what the replicas were given: an ONNX graph
+    graph = ray.get(graph_ref)
+    assert isinstance(graph, bytes) and onnx.load_from_string(graph).graph.input[0].name == "image"
     assert yaml.safe_load(storage.read_bytes(summary.config))["runtime"] == "onnxruntime"
     here, there = pngs(out), pngs(str(tmp_path / "ort"))
     assert here.keys() == there.keys()

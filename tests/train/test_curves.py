@@ -66,5 +66,8 @@ def test_tensorboard_events_on_s3_are_copied_up_every_epoch_and_read_back(s3_buc
     assert [e.value for e in events.Scalars("epoch/val_mae")] == [0.25]
     assert [(e.step, e.value) for e in events.Scalars("step/loss")] == [(1, 2.5)]
     tracker.epoch(2, {"train_loss": 2.0, "val_mae": 0.125, "val_max_f": 0.75, "images_per_s": 3.0}, 0.001)
+    tracker.step(9, 1.5, 0.001)  # after the last epoch: close() takes it up
     tracker.close()
-    assert [(e.step, e.value) for e in pulled().Scalars("epoch/val_mae")] == [(1, 0.25), (2, 0.125)]
+    events = pulled()
+    assert [(e.step, e.value) for e in events.Scalars("epoch/val_mae")] == [(1, 0.25), (2, 0.125)]
+    assert [(e.step, e.value) for e in events.Scalars("step/loss")] == [(1, 2.5), (9, 1.5)]
