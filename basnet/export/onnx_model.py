@@ -16,6 +16,7 @@ import copy
 import io
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,7 @@ from torch import nn
 from basnet.device import to_model_input
 from basnet.model import BASNet
 
-__all__ = ["Saliency", "export_onnx", "check_onnx", "CheckRow", "ort_session", "trace_side"]
+__all__ = ["Saliency", "export_onnx", "onnx_bytes", "check_onnx", "CheckRow", "ort_session", "trace_side"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,15 @@ def export_onnx(model: BASNet, path: str, *, image_size: int, opset: int = 18, f
                           external_data=False, verbose=False)
     os.replace(tmp, path)  # never a half-written model at --out
     logger.debug("exporter: %s", chatter.getvalue())
+
+
+def onnx_bytes(model: BASNet, *, image_size: int) -> bytes:
+    """``export_onnx``'s file as bytes (float32, the refined map only)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "basnet.onnx")
+        export_onnx(model, path, image_size=image_size)
+        with open(path, "rb") as f:
+            return f.read()
 
 
 def trace_side(image_size: int) -> int:

@@ -168,32 +168,23 @@ def _load_weights(uri: str, image_size: int | None, runtime: str = "torch"):
     model, size = load_for_inference(uri, image_size)
     if runtime != "onnxruntime":
         return model.state_dict(), size
-    import tempfile
+    try:  # the exporter needs onnxscript; the replicas, onnxruntime (this node stands for theirs)
+        import onnxruntime, onnxscript  # noqa: E401, F401
 
-    try:
-        import onnxruntime  # noqa: F401 (for the replicas: this node stands for them)
-        import onnxscript  # noqa: F401 (the exporter's)
-
-        from basnet.export.onnx_model import export_onnx
+        from basnet.export.onnx_model import onnx_bytes
     except ImportError as exc:  # the driver had them; this node has not
         raise UsageError(f"--runtime onnxruntime: {exc} on a node of the cluster: install the onnx extra "
                          "on every node, or use --runtime torch") from None
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "basnet.onnx")
-        export_onnx(model, path, image_size=size)
-        with open(path, "rb") as f:
-            return f.read(), size
+    return onnx_bytes(model, image_size=size), size
 
 
 _loaded: dict[tuple, tuple[ray.ObjectRef, ray.ObjectRef]] = {}  # the last weights this driver loaded
 
 
 def _weights(cfg: InferConfig) -> tuple[ray.ObjectRef, ray.ObjectRef]:
-    """The refs of what the replicas load (state dict or ONNX graph) and of the image size, loaded
-    once per driver, Ray session, weights version and runtime: a second run in one process (a
-    benchmark, a notebook, the evaluation of several checkpoints) starts without reading and
-    unpickling 350 MB again, or exporting again (18-20 s on 2 CPUs)."""
+    """Refs of what the replicas load (state dict or ONNX graph) and of the image size, once per
+    driver, Ray session, weights version and runtime: a second run in one process starts without
+    reading 350 MB again, or exporting again (18-20 s on 2 CPUs)."""
     key = (ray.get_runtime_context().get_job_id(), cfg.weights, cfg.image_size, cfg.runtime, _versions(cfg.weights))
     if key not in _loaded:
         _loaded.clear()  # only the latest: each holds 350 MB of the object store
