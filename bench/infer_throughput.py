@@ -3,6 +3,7 @@
     python bench/infer_throughput.py --n 400 --size 64 --image-size 64 --scale 0
     python bench/infer_throughput.py --n 24 --size 256 --image-size 256 --scale 0
     python bench/infer_throughput.py --n 200 --size 256 --image-size 256 --batch-size 32   # on a GPU
+    python bench/infer_throughput.py --n 400 --size 64 --image-size 64 --scale 0 --runtime onnxruntime --onnx-file
 
 On the same N generated JPEGs it times (1) a plain loop that, one image after another, decodes
 with PIL, runs the model, resizes the map back and writes the PNG, and (2) the Ray Data job
@@ -17,7 +18,9 @@ whole Ray process tree (this driver and every process below it: GCS, raylet, wor
 warm N run and the 10 x N run.
 Memory is the sum of PSS (proportional set size: shared pages such as torch's libraries and the
 object store counted once in total, not once per process) and, for reference, the sum of RSS.
-Weights are random: throughput does not depend on them.
+Weights are random: throughput does not depend on them. ``--runtime onnxruntime`` has each job
+export them to ONNX in its weights task; with ``--onnx-file`` they are exported beforehand (untimed,
+as ``jobs/export.py`` would) and the jobs get the ``.onnx`` as ``--weights``.
 """
 
 from __future__ import annotations
@@ -173,6 +176,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--actor-threads", type=int, default=None, help="the job's torch threads (default: auto)")
     parser.add_argument("--runtime", default="torch", choices=RUNTIMES,
                         help="the job's --runtime (the plain loop is PyTorch either way)")
+    parser.add_argument("--onnx-file", action="store_true",
+                        help="with --runtime onnxruntime: give the jobs an exported .onnx as --weights (no export "
+                             "in the job)")
     parser.add_argument("--scale", type=int, default=10, help="the memory run uses scale x N images (0: none)")
     parser.add_argument("--workdir", default=None, help="where images and masks go (default: a temp dir)")
     return parser.parse_args()
@@ -184,6 +190,14 @@ def main() -> None:
     torch.manual_seed(0)
     weights = os.path.join(work, "basnet.pth")
     torch.save(BASNet().state_dict(), weights)
+    job_weights = weights
+    if args.onnx_file:
+        if args.runtime != "onnxruntime":
+            raise SystemExit("--onnx-file is for --runtime onnxruntime")
+        from basnet.export.onnx_model import export_onnx
+
+        job_weights = os.path.join(work, "basnet.onnx")
+        export_onnx(load_model(weights), job_weights, image_size=args.image_size)
     small = make_images(os.path.join(work, "n"), args.n, args.size)
     if args.scale:
         make_images(os.path.join(work, "n10"), args.n * args.scale, args.size)
@@ -195,16 +209,16 @@ def main() -> None:
 
     init_ray()
     idle_pss, idle_rss, idle_procs = TreeMemory().sample()
-    cold_s, _, cold_start, cold_stages = job(os.path.join(work, "n"), os.path.join(work, "job-cold"), weights, args)
+    cold_s, _, cold_start, cold_stages = job(os.path.join(work, "n"), os.path.join(work, "job-cold"), job_weights, args)
     loads.append(os.getloadavg()[0])
-    job_s, mem_n, warm_start, warm_stages = job(os.path.join(work, "n"), os.path.join(work, "job-n"), weights, args)
+    job_s, mem_n, warm_start, warm_stages = job(os.path.join(work, "n"), os.path.join(work, "job-n"), job_weights, args)
     loads.append(os.getloadavg()[0])
     print(f"\nstartup (to the first mask, less its batch's model time): cold {cold_start:.1f} s, warm {warm_start:.1f} s")
     print(f"cold {cold_stages}\nwarm {warm_stages}")
     if not args.scale:
         report_speed(args, (loop_s, cold_s, job_s), loads)
         return
-    job10_s, mem_10, _, _ = job(os.path.join(work, "n10"), os.path.join(work, "job-n10"), weights, args)
+    job10_s, mem_10, _, _ = job(os.path.join(work, "n10"), os.path.join(work, "job-n10"), job_weights, args)
     loads.append(os.getloadavg()[0])
     report(args, (loop_s, cold_s, job_s, job10_s), loads, (idle_pss, idle_rss, idle_procs), mem_n, mem_10)
 
@@ -213,7 +227,7 @@ def report_speed(args: argparse.Namespace, seconds: tuple[float, float, float], 
     (loop_s, cold_s, job_s), n = seconds, args.n
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x {os.cpu_count()}"
     print(f"\n{n} images of {args.size} px, model at {args.image_size} px, batch {args.batch_size or 'auto'}, "
-          f"job runtime {args.runtime}, {device}")
+          f"job runtime {args.runtime}{' (weights: an exported .onnx)' if args.onnx_file else ''}, {device}")
     print(f"plain loop          : {loop_s:7.1f} s  {n / loop_s:7.2f} images/s              load {loads[0]:.1f}")
     print(f"job, cold Ray       : {cold_s:7.1f} s  {n / cold_s:7.2f} images/s  ratio {loop_s / cold_s:.2f}x  "
           f"load {loads[1]:.1f}")

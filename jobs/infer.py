@@ -3,6 +3,7 @@
     python jobs/infer.py --input /data/photos --output /data/masks --weights runs/basnet/epoch_0100
     python jobs/infer.py --input s3://bucket/shards --output s3://bucket/cutouts --weights basnet.pth \\
         --format rgba --actors 4 --num-gpus-per-actor 1 --batch-size 32
+    python jobs/infer.py --input /data/photos --output /data/masks --weights basnet.onnx   # ONNX Runtime, CPUs
     ray job submit --working-dir . -- python jobs/infer.py --input s3://... --output s3://... --weights ...
 
 Re-running with the same --output skips inputs whose mask exists (--overwrite redoes them); --dry-run

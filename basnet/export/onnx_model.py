@@ -6,7 +6,8 @@ height and width (multiples of 32, BASNet's downsampling). Its first output is t
 its sigmoid applied, (N, 1, H, W) in [0, 1]: what rembg's custom session and plain ONNX Runtime
 use as is (both min-max normalise it, as ``basnet.predict`` does). ``--all-outputs`` adds the seven
 side outputs, each with its sigmoid. ``--fp16`` casts inside the graph: float32 in and out,
-float16 weights and arithmetic.
+float16 weights and arithmetic. The file's metadata names the side the model was trained at
+(``basnet.image_size``): the bulk-masking job's default size for ``--weights model.onnx``.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from torch import nn
 from basnet.device import to_model_input
 from basnet.model import BASNet
 
-__all__ = ["Saliency", "export_onnx", "onnx_bytes", "check_onnx", "CheckRow", "ort_session", "trace_side"]
+__all__ = ["Saliency", "export_onnx", "onnx_bytes", "onnx_image_size", "check_onnx", "CheckRow", "ort_session",
+           "trace_side", "SIZE_KEY"]
 
 logger = logging.getLogger(__name__)
 
 INPUT, OUTPUTS = "image", ("saliency", "side1", "side2", "side3", "side4", "side5", "side6", "bridge")
+SIZE_KEY = "basnet.image_size"  # metadata: the side masks are predicted at unless told otherwise
 
 
 class Saliency(nn.Module):
@@ -51,7 +54,8 @@ class Saliency(nn.Module):
 
 def export_onnx(model: BASNet, path: str, *, image_size: int, opset: int = 18, fp16: bool = False,
                 all_outputs: bool = False) -> None:
-    """Writes ``model`` (eval mode, on the CPU) as one ONNX file at ``path`` (no external data).
+    """Writes ``model`` (eval mode, on the CPU) as one ONNX file at ``path`` (no external data), with
+    ``image_size`` in its metadata (``SIZE_KEY``).
 
     The graph is traced at ``image_size``, or at 64 px when that is 32: ``torch.export`` treats a
     dimension of size 1 (32 px / 32) as a constant, which would fix the graph's height and width."""
@@ -64,9 +68,11 @@ def export_onnx(model: BASNet, path: str, *, image_size: int, opset: int = 18, f
     tmp = f"{path}.tmp-{os.getpid()}"
     chatter = io.StringIO()  # the exporter prints its four steps on stdout
     with torch.no_grad(), contextlib.redirect_stdout(chatter):
-        torch.onnx.export(wrapper, (example,), tmp, input_names=[INPUT], output_names=names, opset_version=opset,
-                          dynamic_shapes={"x": {0: batch, 2: 32 * height, 3: 32 * width}}, dynamo=True,
-                          external_data=False, verbose=False)
+        program = torch.onnx.export(wrapper, (example,), None, input_names=[INPUT], output_names=names,
+                                    opset_version=opset, dynamic_shapes={"x": {0: batch, 2: 32 * height, 3: 32 * width}},
+                                    dynamo=True, verbose=False)
+        program.model.metadata_props[SIZE_KEY] = str(image_size)
+        program.save(tmp, external_data=False)
     os.replace(tmp, path)  # never a half-written model at --out
     logger.debug("exporter: %s", chatter.getvalue())
 
@@ -78,6 +84,28 @@ def onnx_bytes(model: BASNet, *, image_size: int) -> bytes:
         export_onnx(model, path, image_size=image_size)
         with open(path, "rb") as f:
             return f.read()
+
+
+def onnx_image_size(model: bytes, source: str) -> int | None:
+    """The side an exported model was trained at (its ``SIZE_KEY`` metadata), or None if it has none.
+
+    Raises:
+        CheckpointError: ``model`` is not an ONNX model (the message names ``source``).
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from basnet.checkpoint import CheckpointError
+
+    try:
+        proto = onnx.load_model_from_string(model)
+    except (DecodeError, ValueError) as exc:
+        raise CheckpointError(f"{source} is not an ONNX model ({type(exc).__name__}: {exc}): pass one written by "
+                              "jobs/export.py, or a training checkpoint") from None
+    if not proto.graph.input:
+        raise CheckpointError(f"{source} is not an ONNX model (no graph input): pass one written by jobs/export.py")
+    value = {p.key: p.value for p in proto.metadata_props}.get(SIZE_KEY)
+    return int(value) if value and value.isdigit() else None
 
 
 def trace_side(image_size: int) -> int:

@@ -11,7 +11,7 @@ from basnet.config import PRECISIONS, check_options, option
 from basnet.errors import ConfigError
 from basnet.transforms import FORMATS
 
-__all__ = ["InferConfig", "FORMATS", "RUNTIMES", "cpu_batch_size"]
+__all__ = ["InferConfig", "FORMATS", "RUNTIMES", "cpu_batch_size", "is_onnx"]
 
 RUNTIMES = ("torch", "onnxruntime")
 
@@ -24,8 +24,8 @@ class InferConfig:
                                    "a .tar shard, a text (one path a line) or Parquet manifest, or one image")
     output: str | None = option(None, "folder or prefix for the masks; each mask mirrors its input's "
                                     "relative path with a .png suffix")
-    weights: str | None = option(None, "a training checkpoint directory, its model.pt, or the published "
-                                     "basnet.pth (local or s3://)")
+    weights: str | None = option(None, "a training checkpoint directory, its model.pt, the published "
+                                     "basnet.pth, or a model.onnx from jobs/export.py (local or s3://)")
     format: str = option("mask", "mask: 8-bit soft saliency; binary: 0/255 at --threshold; "
                                "rgba: the image with the mask as alpha", choices=FORMATS)
     threshold: float = option(0.5, "saliency threshold in [0, 1] for --format binary", within=(0, 1))
@@ -37,10 +37,11 @@ class InferConfig:
     task_batch_size: int = option(32, "images per batch of the CPU decode and write tasks", positive=True)
     precision: str = option("auto", "auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU; "
                                   "or fp32, bf16, fp16", choices=PRECISIONS)
-    runtime: str = option("torch", "what runs the model: torch, or onnxruntime on CPU replicas only, even on "
-                                 "a cluster with GPUs (the weights exported to ONNX once, kept for the driver's "
-                                 "next run; needs the onnx extra on every node; see docs/infer.md)",
-                        choices=RUNTIMES)
+    runtime: str | None = option(None, "what runs the model: torch, or onnxruntime on CPU replicas only, even "
+                                        "on a cluster with GPUs (a checkpoint is exported to ONNX once per job; "
+                                        "needs the onnx extra on every node; see docs/infer.md) (default: "
+                                        "onnxruntime for a .onnx --weights, else torch)",
+                                 choices=RUNTIMES)
     channels_last: bool | None = option(None, "channels_last (NHWC) model and inputs (default: on GPUs)")
     compile: bool = option(False, "torch.compile the model in each replica (slower start, faster batches)")
     actors: int | None = option(None, "model replicas (default: one per GPU, or one per node without GPUs)",
@@ -75,7 +76,10 @@ class InferConfig:
             if not getattr(self, key):
                 raise ConfigError(f"--{key} is required (see --help)")
         check_options(self)
-        if self.runtime == "onnxruntime":
+        if is_onnx(self.weights) and self.runtime == "torch":
+            raise ConfigError(f"--weights {self.weights} is an ONNX model, which runs with --runtime onnxruntime: "
+                              "drop --runtime torch, or pass the training checkpoint")
+        if self.resolved_runtime() == "onnxruntime":
             self._check_onnxruntime()
         self.resources("actor_resources")
         self.resources("task_resources")
@@ -88,10 +92,15 @@ class InferConfig:
         if torch_only:
             raise ConfigError(f"{torch_only[0]} is for --runtime torch (onnxruntime runs fp32 on CPUs): "
                               "drop it, or use --runtime torch")
-        missing = [name for name in ("onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
+        needs = ("onnxruntime", "onnx") if is_onnx(self.weights) else ("onnxruntime", "onnxscript")  # or the exporter
+        missing = [name for name in needs if importlib.util.find_spec(name) is None]
         if missing and not self.dry_run:  # a dry run loads no model
             raise ConfigError(f"--runtime onnxruntime needs {' and '.join(missing)}: "
                               "pip install 'basnet-ray[onnx]' (on every node), or use --runtime torch")
+
+    def resolved_runtime(self) -> str:
+        """``--runtime``, or when unset the one the weights need: onnxruntime for a .onnx file, else torch."""
+        return self.runtime or ("onnxruntime" if is_onnx(self.weights) else "torch")
 
     def resources(self, key: str) -> dict[str, float]:
         """Parses a JSON resources option into ``{name: amount}``."""
@@ -111,6 +120,11 @@ class InferConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def is_onnx(weights: str | None) -> bool:
+    """Whether ``--weights`` names an exported ONNX model (by its suffix) rather than a checkpoint."""
+    return bool(weights) and weights.rstrip("/").lower().endswith(".onnx")
 
 
 def cpu_batch_size(image_size: int) -> int:

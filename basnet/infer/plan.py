@@ -59,7 +59,8 @@ def _check_weights(uri: str) -> None:
     except OSError as exc:
         raise storage_failure("--weights", uri, exc) from None
     if not found:
-        raise UsageError(f"checkpoint not found: {uri} (pass a training checkpoint directory or a basnet.pth file)")
+        raise UsageError(f"checkpoint not found: {uri} (pass a training checkpoint directory, a basnet.pth file "
+                         "or a model.onnx)")
 
 
 def plan_inference(cfg: InferConfig, *, images: Sequence[str] | None = None) -> InferPlan:
@@ -76,6 +77,7 @@ def plan_inference(cfg: InferConfig, *, images: Sequence[str] | None = None) -> 
     """
     cfg = dataclasses.replace(cfg, input=cfg.input or cfg.root)
     cfg.check()
+    cfg = dataclasses.replace(cfg, runtime=cfg.resolved_runtime())
     output_root = canonical(cfg.output)
     spec = resolve_input(cfg, images)
     if images is not None and not images:

@@ -22,7 +22,44 @@ from basnet.predict import predict_probabilities
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MaskPredictor", "ModelError", "is_out_of_memory"]
+__all__ = ["MaskPredictor", "ModelError", "is_out_of_memory", "load_weights"]
+
+
+def load_weights(uri: str, image_size: int | None, runtime: str) -> tuple[dict[str, torch.Tensor] | bytes, int]:
+    """What the replicas load, and the side masks are predicted at (``image_size``, else the one the
+    model was trained at): the state dict for ``torch``; for ``onnxruntime`` an ONNX graph, the
+    file's bytes for a ``.onnx`` (no export), else the checkpoint exported here (batch, height and
+    width stay dynamic).
+
+    Raises:
+        CheckpointError, UsageError: Weights that cannot be loaded; a node without the onnx extra.
+    """
+    from basnet import storage
+    from basnet.checkpoint import load_for_inference
+    from basnet.errors import UsageError
+    from basnet.infer.config import is_onnx
+
+    if runtime != "onnxruntime":
+        model, size = load_for_inference(uri, image_size)
+        return model.state_dict(), size
+    try:  # the replicas need onnxruntime (this node stands for theirs), an export onnxscript
+        import onnx, onnxruntime  # noqa: E401, F401
+
+        if not is_onnx(uri):
+            import onnxscript  # noqa: F401
+        from basnet.export.onnx_model import SIZE_KEY, onnx_bytes, onnx_image_size
+    except ImportError as exc:  # the driver had them; this node has not
+        raise UsageError(f"--runtime onnxruntime: {exc} on a node of the cluster: install the onnx extra "
+                         "on every node, or use --runtime torch") from None
+    if not is_onnx(uri):
+        model, size = load_for_inference(uri, image_size)
+        return onnx_bytes(model, image_size=size), size
+    graph = storage.read_bytes(uri)
+    trained = onnx_image_size(graph, uri)  # also refuses a file that is not ONNX
+    if not (image_size or trained):
+        raise UsageError(f"{uri} does not name the side it was trained at (no {SIZE_KEY} metadata: not written by "
+                         "jobs/export.py): pass --image-size")
+    return graph, image_size or trained
 
 
 class ModelError(RuntimeError):

@@ -160,22 +160,11 @@ class _PredictorActor:
 
 @ray.remote(num_returns=2, max_calls=1, **_LIGHT)  # its worker exits after: no torch left in the CPU stages
 def _load_weights(uri: str, image_size: int | None, runtime: str = "torch"):
-    """What the replicas load (into the object store) and the inference size (the checkpoint's
-    training size unless given): the state dict, or for ``onnxruntime`` the model exported to ONNX
-    once here, at that size (the graph's batch, height and width stay dynamic)."""
-    from basnet.checkpoint import load_for_inference
+    """``basnet.infer.predictor.load_weights`` as a task: what the replicas load (into the object store)
+    and the inference size."""
+    from basnet.infer.predictor import load_weights
 
-    model, size = load_for_inference(uri, image_size)
-    if runtime != "onnxruntime":
-        return model.state_dict(), size
-    try:  # the exporter needs onnxscript; the replicas, onnxruntime (this node stands for theirs)
-        import onnxruntime, onnxscript  # noqa: E401, F401
-
-        from basnet.export.onnx_model import onnx_bytes
-    except ImportError as exc:  # the driver had them; this node has not
-        raise UsageError(f"--runtime onnxruntime: {exc} on a node of the cluster: install the onnx extra "
-                         "on every node, or use --runtime torch") from None
-    return onnx_bytes(model, image_size=size), size
+    return load_weights(uri, image_size, runtime)
 
 
 _loaded: dict[tuple, tuple[ray.ObjectRef, ray.ObjectRef]] = {}  # the last weights this driver loaded
@@ -184,7 +173,7 @@ _loaded: dict[tuple, tuple[ray.ObjectRef, ray.ObjectRef]] = {}  # the last weigh
 def _weights(cfg: InferConfig) -> tuple[ray.ObjectRef, ray.ObjectRef]:
     """Refs of what the replicas load (state dict or ONNX graph) and of the image size, once per
     driver, Ray session, weights version and runtime: a second run in one process starts without
-    reading 350 MB again, or exporting again (18-20 s on 2 CPUs)."""
+    reading 350 MB again, or exporting a checkpoint again (18-20 s on 2 CPUs)."""
     key = (ray.get_runtime_context().get_job_id(), cfg.weights, cfg.image_size, cfg.runtime, _versions(cfg.weights))
     if key not in _loaded:
         _loaded.clear()  # only the latest: each holds 350 MB of the object store

@@ -8,13 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from PIL import Image
 
-from basnet.checkpoint import load_model
+from basnet.checkpoint import CheckpointError, load_model
 from basnet.device import to_model_input
 from basnet.export.config import FP16_TOLERANCE, FP32_TOLERANCE
-from basnet.export.onnx_model import check_onnx, export_onnx, ort_session
+from basnet.errors import UsageError
+from basnet.export.onnx_model import SIZE_KEY, check_onnx, export_onnx, ort_session
+from basnet.infer.predictor import load_weights
 from basnet.predict import predict_probabilities
 from basnet.transforms import decode_image, render_output, resize_image
 
@@ -56,6 +59,24 @@ def test_onnx_runtime_masks_match_this_projects_masks_within_one_grey_level(expo
         b = np.asarray(render_output(prob, height, width, fmt="mask"))
         diff = np.abs(np.asarray(Image.open(io.BytesIO(a)), int) - np.asarray(Image.open(io.BytesIO(b)), int))
         assert diff.max() <= 1, (image_path.name, diff.max())
+
+
+def test_an_export_names_its_size_and_the_bulk_job_loads_it_as_is_or_refuses_it_in_one_line(exported, tmp_path):
+    path, _ = exported  # exported with --image-size 64
+    data = Path(path).read_bytes()
+    assert {p.key: p.value for p in onnx.load(path).metadata_props}[SIZE_KEY] == "64"
+    assert load_weights(path, None, "onnxruntime") == (data, 64)
+    assert load_weights(path, 32, "onnxruntime") == (data, 32)
+    bare = onnx.load(path)
+    del bare.metadata_props[:]  # an ONNX model from elsewhere: its size must be given
+    onnx.save(bare, tmp_path / "bare.onnx")
+    with pytest.raises(UsageError, match="no basnet.image_size metadata.*pass --image-size"):
+        load_weights(str(tmp_path / "bare.onnx"), None, "onnxruntime")
+    assert load_weights(str(tmp_path / "bare.onnx"), 96, "onnxruntime")[1] == 96
+    (tmp_path / "torch.onnx").write_bytes(b"PK\x03\x04 a torch zip file named .onnx")
+    with pytest.raises(CheckpointError, match="torch.onnx is not an ONNX model") as info:
+        load_weights(str(tmp_path / "torch.onnx"), 64, "onnxruntime")
+    assert "\n" not in str(info.value)
 
 
 def test_fp16_export_agrees_to_1e2_and_all_outputs_gives_eight_maps(weights, tmp_path):

@@ -130,6 +130,23 @@ def test_onnxruntime_runtime_masks_equal_the_torch_runs_within_one_grey_level(co
     assert worst <= 1, worst
 
 
+def test_an_exported_onnx_file_as_weights_runs_on_onnxruntime_as_is_and_matches_the_torch_run(
+        collection, local_run, exported, tmp_path):
+    root, _ = collection
+    out, local = local_run
+    path, _ = exported  # jobs/export.py on the same random weights, at 64 px
+    summary = run_inference(config(root, str(tmp_path / "onnx"), path))  # no --runtime: the .onnx picks it
+    assert (summary.written, summary.failed) == (local.written, local.failed)
+    (graph_ref, _), = ray_pipeline._loaded.values()
+    assert ray.get(graph_ref) == storage.read_bytes(path)  # the file itself: nothing exported again
+    saved = yaml.safe_load(storage.read_bytes(summary.config))
+    assert (saved["runtime"], saved["image_size"]) == ("onnxruntime", SIZE)
+    here, there = pngs(out), pngs(str(tmp_path / "onnx"))
+    assert here.keys() == there.keys()
+    worst = max(np.abs(grey(here[rel]).astype(np.int16) - grey(there[rel])).max() for rel in here)
+    assert worst <= 1, worst
+
+
 def test_s3_in_and_out_gives_byte_equal_masks_to_the_local_run(collection, local_run, weights, s3_bucket):
     root, _ = collection
     out, local = local_run
@@ -276,6 +293,7 @@ def test_killed_run_resumes_writing_only_the_missing_masks(ray_session, weights,
     (["--image-size", "100"], "not a multiple of 32"),
     (["--runtime", "onnxruntime", "--precision", "bf16"], "--precision bf16 is for --runtime torch"),
     (["--runtime", "onnxruntime", "--num-gpus-per-actor", "1"], "--num-gpus-per-actor is for --runtime torch"),
+    (["--weights", "MODEL_ONNX", "--runtime", "torch"], "is an ONNX model, which runs with --runtime onnxruntime"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, collection, weights, tmp_path):
     root, _ = collection
@@ -283,8 +301,10 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, collection, weights, 
     (tmp_path / "weights.txt").write_text("not torch")
     base = {"--input": root, "--output": str(tmp_path / "masks"), "--weights": weights}
     base.update(dict(zip(argv[::2], argv[1::2])))
-    base = {k: {"NOT_TORCH": str(tmp_path / "weights.txt"), "UNDER_A_FILE": str(tmp_path / "file" / "masks")}.get(v, v)
-            for k, v in base.items()}
+    (tmp_path / "model.onnx").write_bytes(b"")
+    swap = {"NOT_TORCH": str(tmp_path / "weights.txt"), "UNDER_A_FILE": str(tmp_path / "file" / "masks"),
+            "MODEL_ONNX": str(tmp_path / "model.onnx")}
+    base = {k: swap.get(v, v) for k, v in base.items()}
     proc = subprocess.run([sys.executable, "jobs/infer.py", *[x for kv in base.items() for x in kv]],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
