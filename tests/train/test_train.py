@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -105,6 +106,18 @@ def sample_masks(sample_root: str, weights_state: dict, **options) -> list[np.nd
     return masks
 
 
+def worker_lines_until(capfd, line: str, timeout_s: float = 120) -> str:
+    """The driver's stdout up to ``line``, a line a training worker prints. Ray's log monitor forwards
+    worker stdout to the driver on its own schedule, so it can arrive after ``fit`` has returned; lines
+    of one worker keep their order, so once ``line`` is here every line printed before it is too."""
+    printed, deadline = "", time.monotonic() + timeout_s
+    while True:
+        printed += capfd.readouterr().out
+        if line in printed or time.monotonic() > deadline:
+            return printed
+        time.sleep(0.1)  # nothing to wait on: the lines come through the captured file descriptor
+
+
 @pytest.mark.ray
 def test_bf16_training_checkpoints_every_epoch_resumes_and_masks_like_fp32(ray_session, tmp_path, sample_root, capfd):
     from basnet.train.ray_trainer import fit
@@ -116,12 +129,12 @@ def test_bf16_training_checkpoints_every_epoch_resumes_and_masks_like_fp32(ray_s
     model = load_model(out.best_checkpoint)
     assert isinstance(model, BASNet)
     assert checkpoint_config(out.best_checkpoint)["image_size"] == 32
-    printed = capfd.readouterr().out
+    printed = worker_lines_until(capfd, "epoch   2  train loss")
     assert "epoch   0" in printed and "epoch   2" in printed and "best checkpoint:" in printed
 
     # Same name, one more epoch: only epoch 3 runs, starting from epoch 2's checkpoint.
     again = fit(tiny_config(tmp_path, sample_root, epochs=3, precision="bf16", tracking="tensorboard", log_every=1))
-    printed = capfd.readouterr().out
+    printed = worker_lines_until(capfd, "epoch   3  train loss")
     assert "epoch   3" in printed and "epoch   1 " not in printed and "epoch   0" not in printed
     assert again.epochs_run == 3
     # The resumed run continued the first one's history: one row per epoch, the untrained 0 included.
