@@ -211,7 +211,8 @@ def main() -> None:
     idle_pss, idle_rss, idle_procs = TreeMemory().sample()
     cold_s, _, cold_start, cold_stages = job(os.path.join(work, "n"), os.path.join(work, "job-cold"), job_weights, args)
     loads.append(os.getloadavg()[0])
-    job_s, mem_n, warm_start, warm_stages = job(os.path.join(work, "n"), os.path.join(work, "job-n"), job_weights, args)
+    job_s, mem_n, warm_start, warm_stages = job(os.path.join(work, "n"), os.path.join(work, "job-n"), job_weights,
+                                                args)
     loads.append(os.getloadavg()[0])
     print(f"\nstartup (to the first mask, less its batch's model time): cold {cold_start:.1f} s, warm {warm_start:.1f} s")
     print(f"cold {cold_stages}\nwarm {warm_stages}")
@@ -227,7 +228,8 @@ def report_speed(args: argparse.Namespace, seconds: tuple[float, float, float], 
     (loop_s, cold_s, job_s), n = seconds, args.n
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x {os.cpu_count()}"
     print(f"\n{n} images of {args.size} px, model at {args.image_size} px, batch {args.batch_size or 'auto'}, "
-          f"job runtime {args.runtime}{' (weights: an exported .onnx)' if args.onnx_file else ''}, {device}")
+          f"job runtime {args.runtime}{' (weights: an exported .onnx)' if args.onnx_file else ''}, "
+          f"{device}")
     print(f"plain loop          : {loop_s:7.1f} s  {n / loop_s:7.2f} images/s              load {loads[0]:.1f}")
     print(f"job, cold Ray       : {cold_s:7.1f} s  {n / cold_s:7.2f} images/s  ratio {loop_s / cold_s:.2f}x  "
           f"load {loads[1]:.1f}")

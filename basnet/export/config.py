@@ -25,8 +25,9 @@ class ExportConfig:
                                "checked to 1e-2 instead of 1e-4")
     all_outputs: bool = option(False, "return all 8 maps (refined first, then the 7 side outputs), each with its "
                                       "sigmoid; default: the refined map only")
-    image_size: int | None = option(None, "the side the graph is traced at (32 is traced at 64), a multiple of 32 "
-                                          "(default: the checkpoint's training size; any multiple of 32 runs)",
+    image_size: int | None = option(None, "the side the graph is traced at (32 is traced at 64) and its metadata names "
+                                          "(the bulk job's default side), a multiple of 32 (default: the "
+                                          "checkpoint's training size; any multiple of 32 runs)",
                                     multiple_of=32)
     check_sizes: str = option("64,96", "sides (multiples of 32) the export is checked at against PyTorch, "
                                        "at batch 1 and 3")

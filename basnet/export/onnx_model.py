@@ -69,8 +69,8 @@ def export_onnx(model: BASNet, path: str, *, image_size: int, opset: int = 18, f
     chatter = io.StringIO()  # the exporter prints its four steps on stdout
     with torch.no_grad(), contextlib.redirect_stdout(chatter):
         program = torch.onnx.export(wrapper, (example,), None, input_names=[INPUT], output_names=names,
-                                    opset_version=opset, dynamic_shapes={"x": {0: batch, 2: 32 * height, 3: 32 * width}},
-                                    dynamo=True, verbose=False)
+                                    opset_version=opset, dynamo=True, verbose=False,
+                                    dynamic_shapes={"x": {0: batch, 2: 32 * height, 3: 32 * width}})
         program.model.metadata_props[SIZE_KEY] = str(image_size)
         program.save(tmp, external_data=False)
     os.replace(tmp, path)  # never a half-written model at --out
@@ -87,23 +87,31 @@ def onnx_bytes(model: BASNet, *, image_size: int) -> bytes:
 
 
 def onnx_image_size(model: bytes, source: str) -> int | None:
-    """The side an exported model was trained at (its ``SIZE_KEY`` metadata), or None if it has none.
+    """The side an exported model was trained at (its ``SIZE_KEY`` metadata), or None if it has none,
+    after checking it is a self-contained ONNX model taking one (N, 3, H, W) image.
 
     Raises:
-        CheckpointError: ``model`` is not an ONNX model (the message names ``source``).
+        CheckpointError: It is not (the message names ``source``).
     """
     import onnx
     from google.protobuf.message import DecodeError
 
     from basnet.checkpoint import CheckpointError
+    from basnet.errors import first_line
 
+    hint = "pass one written by jobs/export.py, or a training checkpoint"
     try:
         proto = onnx.load_model_from_string(model)
     except (DecodeError, ValueError) as exc:
-        raise CheckpointError(f"{source} is not an ONNX model ({type(exc).__name__}: {exc}): pass one written by "
-                              "jobs/export.py, or a training checkpoint") from None
-    if not proto.graph.input:
-        raise CheckpointError(f"{source} is not an ONNX model (no graph input): pass one written by jobs/export.py")
+        raise CheckpointError(f"{source} is not an ONNX model ({type(exc).__name__}: {first_line(exc)}): "
+                              f"{hint}") from None
+    weights = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in weights]
+    dims = inputs[0].type.tensor_type.shape.dim if inputs else []
+    if len(inputs) != 1 or len(dims) != 4 or dims[1].dim_value not in (0, 3):
+        raise CheckpointError(f"{source} is not an ONNX model of one (N, 3, H, W) image input: {hint}")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        raise CheckpointError(f"{source} keeps its weights in external data files: {hint} (one file)")
     value = {p.key: p.value for p in proto.metadata_props}.get(SIZE_KEY)
     return int(value) if value and value.isdigit() else None
 

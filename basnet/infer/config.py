@@ -30,7 +30,7 @@ class InferConfig:
                                "rgba: the image with the mask as alpha", choices=FORMATS)
     threshold: float = option(0.5, "saliency threshold in [0, 1] for --format binary", within=(0, 1))
     image_size: int | None = option(None, "model input side, a multiple of 32 (default: the checkpoint's "
-                                        "training size; 256 for published weights)", multiple_of=32)
+                                        "training size; 256 for published weights; a .onnx's metadata)", multiple_of=32)
     batch_size: int | None = option(None, "images per model call (default: 8 on GPUs; on CPUs 8 at 64 px, "
                                           "2 at 128 px, 1 above: see docs/infer.md)",
                                     positive=True)
@@ -47,11 +47,12 @@ class InferConfig:
     actors: int | None = option(None, "model replicas (default: one per GPU, or one per node without GPUs)",
                                 positive=True)
     num_gpus_per_actor: float | None = option(None, "GPUs per model replica (default 1 if the cluster "
-                                                  "has GPUs and --runtime is torch, else 0)", at_least=0)
+                                                  "has GPUs and the runtime is torch, else 0)", at_least=0)
     cpus_per_actor: float | None = option(None, "CPUs per model replica (default 1 with a GPU; without, "
                                               "its node's CPUs less the decode/write share)", positive=True)
-    actor_threads: int | None = option(None, "torch (or ONNX Runtime) threads per model replica on CPU (default: its node's CPUs "
-                                             "shared among the node's replicas; with a GPU, its CPUs)",
+    actor_threads: int | None = option(None, "torch (or ONNX Runtime) threads per model replica on CPU "
+                                             "(default: its node's CPUs shared among the node's replicas; "
+                                             "with a GPU, its CPUs)",
                                        positive=True)
     actor_resources: str | None = option(None, "custom Ray resources each model replica needs, as JSON, "
                                              "e.g. '{\"infer_node\": 1}' to pin replicas to tagged nodes")
@@ -78,7 +79,7 @@ class InferConfig:
         check_options(self)
         if is_onnx(self.weights) and self.runtime == "torch":
             raise ConfigError(f"--weights {self.weights} is an ONNX model, which runs with --runtime onnxruntime: "
-                              "drop --runtime torch, or pass the training checkpoint")
+                              "drop runtime torch (from --runtime or --config), or pass the training checkpoint")
         if self.resolved_runtime() == "onnxruntime":
             self._check_onnxruntime()
         self.resources("actor_resources")
@@ -89,14 +90,15 @@ class InferConfig:
                                             (f"--precision {self.precision}", self.precision in ("bf16", "fp16")),
                                             ("--num-gpus-per-actor", bool(self.num_gpus_per_actor)))
                       if on]
+        other = "pass the training checkpoint with --runtime torch" if is_onnx(self.weights) else "use --runtime torch"
         if torch_only:
             raise ConfigError(f"{torch_only[0]} is for --runtime torch (onnxruntime runs fp32 on CPUs): "
-                              "drop it, or use --runtime torch")
+                              f"drop it, or {other}")
         needs = ("onnxruntime", "onnx") if is_onnx(self.weights) else ("onnxruntime", "onnxscript")  # or the exporter
         missing = [name for name in needs if importlib.util.find_spec(name) is None]
         if missing and not self.dry_run:  # a dry run loads no model
             raise ConfigError(f"--runtime onnxruntime needs {' and '.join(missing)}: "
-                              "pip install 'basnet-ray[onnx]' (on every node), or use --runtime torch")
+                              f"pip install 'basnet-ray[onnx]' (on every node), or {other}")
 
     def resolved_runtime(self) -> str:
         """``--runtime``, or when unset the one the weights need: onnxruntime for a .onnx file, else torch."""

@@ -26,17 +26,17 @@ __all__ = ["MaskPredictor", "ModelError", "is_out_of_memory", "load_weights"]
 
 
 def load_weights(uri: str, image_size: int | None, runtime: str) -> tuple[dict[str, torch.Tensor] | bytes, int]:
-    """What the replicas load, and the side masks are predicted at (``image_size``, else the one the
-    model was trained at): the state dict for ``torch``; for ``onnxruntime`` an ONNX graph, the
-    file's bytes for a ``.onnx`` (no export), else the checkpoint exported here (batch, height and
-    width stay dynamic).
+    """What the replicas load, and the side masks are predicted at (``image_size``, else the
+    checkpoint's training size, or the side an export's metadata names): the state dict for
+    ``torch``; for ``onnxruntime`` an ONNX graph, the file's bytes for a ``.onnx`` (no export), else
+    the checkpoint exported here (batch, height and width stay dynamic).
 
     Raises:
         CheckpointError, UsageError: Weights that cannot be loaded; a node without the onnx extra.
     """
     from basnet import storage
-    from basnet.checkpoint import load_for_inference
-    from basnet.errors import UsageError
+    from basnet.checkpoint import CheckpointError, load_for_inference
+    from basnet.errors import UsageError, first_line
     from basnet.infer.config import is_onnx
 
     if runtime != "onnxruntime":
@@ -49,12 +49,16 @@ def load_weights(uri: str, image_size: int | None, runtime: str) -> tuple[dict[s
             import onnxscript  # noqa: F401
         from basnet.export.onnx_model import SIZE_KEY, onnx_bytes, onnx_image_size
     except ImportError as exc:  # the driver had them; this node has not
+        other = "pass the training checkpoint with --runtime torch" if is_onnx(uri) else "use --runtime torch"
         raise UsageError(f"--runtime onnxruntime: {exc} on a node of the cluster: install the onnx extra "
-                         "on every node, or use --runtime torch") from None
+                         f"on every node, or {other}") from None
     if not is_onnx(uri):
         model, size = load_for_inference(uri, image_size)
         return onnx_bytes(model, image_size=size), size
-    graph = storage.read_bytes(uri)
+    try:
+        graph = storage.read_bytes(uri)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {uri}: {first_line(exc)}") from None
     trained = onnx_image_size(graph, uri)  # also refuses a file that is not ONNX
     if not (image_size or trained):
         raise UsageError(f"{uri} does not name the side it was trained at (no {SIZE_KEY} metadata: not written by "

@@ -77,6 +77,15 @@ def test_an_export_names_its_size_and_the_bulk_job_loads_it_as_is_or_refuses_it_
     with pytest.raises(CheckpointError, match="torch.onnx is not an ONNX model") as info:
         load_weights(str(tmp_path / "torch.onnx"), 64, "onnxruntime")
     assert "\n" not in str(info.value)
+    flat = onnx.helper.make_model(onnx.helper.make_graph(  # ONNX, but not an image model
+        [onnx.helper.make_node("Sigmoid", ["image"], ["saliency"])], "flat",
+        [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["n", 8])],
+        [onnx.helper.make_tensor_value_info("saliency", onnx.TensorProto.FLOAT, ["n", 8])]))
+    onnx.save(flat, tmp_path / "flat.onnx")
+    with pytest.raises(CheckpointError, match=r"flat.onnx is not an ONNX model of one \(N, 3, H, W\) image input"):
+        load_weights(str(tmp_path / "flat.onnx"), 64, "onnxruntime")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_weights(str(tmp_path / "folder.onnx"), 64, "onnxruntime")  # gone since the plan checked it
 
 
 def test_fp16_export_agrees_to_1e2_and_all_outputs_gives_eight_maps(weights, tmp_path):

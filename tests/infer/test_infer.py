@@ -134,7 +134,7 @@ def test_an_exported_onnx_file_as_weights_runs_on_onnxruntime_as_is_and_matches_
         collection, local_run, exported, tmp_path):
     root, _ = collection
     out, local = local_run
-    path, _ = exported  # jobs/export.py on the same random weights, at 64 px
+    path, _ = exported  # jobs/export.py on the same random weights (its metadata's 64 px: overridden by 32 here)
     summary = run_inference(config(root, str(tmp_path / "onnx"), path))  # no --runtime: the .onnx picks it
     assert (summary.written, summary.failed) == (local.written, local.failed)
     (graph_ref, _), = ray_pipeline._loaded.values()
