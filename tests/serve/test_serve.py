@@ -3,6 +3,7 @@ Serve on 127.0.0.1), random weights, a real HTTP client, a real headless Chromiu
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -63,6 +64,19 @@ class Server:
         return json.loads(body)
 
 
+@contextlib.contextmanager
+def sigint_as_in_a_terminal():
+    """Processes started inside get Ctrl-C's default action. A test run started in the background
+    (``make test &`` from a script) ignores SIGINT, and so would every process it starts: the
+    service would then not stop when the fixture sends SIGINT."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler installed outside Python, which cannot be restored
+            signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="module")
 def server(weights, tmp_path_factory):
     """``jobs/serve.py`` in its own process; stopped with SIGINT at the end, which must exit 0."""
@@ -71,7 +85,7 @@ def server(weights, tmp_path_factory):
     cmd = [sys.executable, str(REPO / "jobs" / "serve.py"), "--weights", weights, "--port", str(port),
            "--image-size", str(SIZE), "--max-batch-size", "4", "--batch-wait-ms", str(BATCH_WAIT_MS),
            "--max-pixels", str(MAX_PIXELS), "--max-bytes", str(MAX_BYTES), "--num-gpus-per-replica", "0"]
-    with open(log, "w") as err:
+    with open(log, "w") as err, sigint_as_in_a_terminal():
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
     banner = proc.stdout.readline()  # blocks until the app is running (or the process ends)
     if not banner.startswith("serving"):
@@ -79,7 +93,12 @@ def server(weights, tmp_path_factory):
         pytest.fail(f"the service did not start: {banner!r} {log.read_text()[-3000:]}")
     yield Server(f"http://127.0.0.1:{port}/", proc, banner)
     proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=120)
+    try:
+        rest, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # a service left running would starve the rest of the suite
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"the service did not stop within 120 s of SIGINT: {log.read_text()[-3000:]}")
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert "stopping" in rest
 
