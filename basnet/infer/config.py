@@ -11,7 +11,7 @@ from basnet.config import PRECISIONS, check_options, option
 from basnet.errors import ConfigError
 from basnet.transforms import FORMATS
 
-__all__ = ["InferConfig", "FORMATS", "RUNTIMES", "cpu_batch_size", "is_onnx"]
+__all__ = ["InferConfig", "FORMATS", "RUNTIMES", "cpu_batch_size", "is_onnx", "torch_instead"]
 
 RUNTIMES = ("torch", "onnxruntime")
 
@@ -90,7 +90,7 @@ class InferConfig:
                                             (f"--precision {self.precision}", self.precision in ("bf16", "fp16")),
                                             ("--num-gpus-per-actor", bool(self.num_gpus_per_actor)))
                       if on]
-        other = "pass the training checkpoint with --runtime torch" if is_onnx(self.weights) else "use --runtime torch"
+        other = torch_instead(self.weights)
         if torch_only:
             raise ConfigError(f"{torch_only[0]} is for --runtime torch (onnxruntime runs fp32 on CPUs): "
                               f"drop it, or {other}")
@@ -127,6 +127,11 @@ class InferConfig:
 def is_onnx(weights: str | None) -> bool:
     """Whether ``--weights`` names an exported ONNX model (by its suffix) rather than a checkpoint."""
     return bool(weights) and weights.rstrip("/").lower().endswith(".onnx")
+
+
+def torch_instead(weights: str | None) -> str:
+    """How an error about ONNX Runtime tells the user to run ``weights`` on PyTorch instead."""
+    return "pass the training checkpoint with --runtime torch" if is_onnx(weights) else "use --runtime torch"
 
 
 def cpu_batch_size(image_size: int) -> int:

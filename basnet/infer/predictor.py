@@ -37,7 +37,7 @@ def load_weights(uri: str, image_size: int | None, runtime: str) -> tuple[dict[s
     from basnet import storage
     from basnet.checkpoint import CheckpointError, load_for_inference
     from basnet.errors import UsageError, first_line
-    from basnet.infer.config import is_onnx
+    from basnet.infer.config import is_onnx, torch_instead
 
     if runtime != "onnxruntime":
         model, size = load_for_inference(uri, image_size)
@@ -49,9 +49,8 @@ def load_weights(uri: str, image_size: int | None, runtime: str) -> tuple[dict[s
             import onnxscript  # noqa: F401
         from basnet.export.onnx_model import SIZE_KEY, onnx_bytes, onnx_image_size
     except ImportError as exc:  # the driver had them; this node has not
-        other = "pass the training checkpoint with --runtime torch" if is_onnx(uri) else "use --runtime torch"
         raise UsageError(f"--runtime onnxruntime: {exc} on a node of the cluster: install the onnx extra "
-                         f"on every node, or {other}") from None
+                         f"on every node, or {torch_instead(uri)}") from None
     if not is_onnx(uri):
         model, size = load_for_inference(uri, image_size)
         return onnx_bytes(model, image_size=size), size
