@@ -46,6 +46,17 @@ def free_port() -> int:
 
 _started_here = False
 
+# Ray starts its workers at niceness 15, below every ordinary process: on a machine that also runs
+# other work (a laptop, a CI runner, a shared box), each Ray worker then got about 3 % of a core
+# and a 2-minute training test did not finish in 10 (docs/design.md, "Stalls"). A Ray this job
+# starts for itself runs its workers at the job's own priority; a cluster keeps what its nodes
+# were started with, and RAY_worker_niceness set by the user wins here too.
+_NICENESS_VARIABLE = "RAY_worker_niceness"
+
+
+def _local_system_config() -> dict:
+    return {} if _NICENESS_VARIABLE in os.environ else {"worker_niceness": 0}
+
 
 def started_local_ray() -> bool:
     """Whether this process started the Ray it uses (one machine, nothing will be added to it)."""
@@ -84,9 +95,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, verbose
         os.environ["RAY_API_SERVER_ADDRESS"] = api
         env["env_vars"]["RAY_API_SERVER_ADDRESS"] = api
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, runtime_env=env, **quiet)
+                 dashboard_port=port, runtime_env=env, _system_config=_local_system_config(), **quiet)
     else:  # e.g. a GPU image with Ray installed from wheels, without the [default] extra
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, **quiet)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
+                 _system_config=_local_system_config(), **quiet)
     _started_here = not address
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
