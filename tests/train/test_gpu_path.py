@@ -321,7 +321,7 @@ def test_train_help_documents_the_gpu_options():
 @pytest.fixture
 def cluster(monkeypatch):
     """Stands in for the running Ray: its CPUs and GPUs, and whether this process started it."""
-    from basnet.train import ray_trainer as ray_train
+    from basnet.train import ray_resources as ray_train
 
     def set_cluster(cpus: float, gpus: float = 0.0, *, local: bool = True):
         monkeypatch.setattr(ray_train, "_cluster_cpus_gpus", lambda: (cpus, gpus))
@@ -331,7 +331,7 @@ def cluster(monkeypatch):
 
 
 def test_workers_that_fit_share_the_cpus_left_by_ray_data(cluster):
-    from basnet.train.ray_trainer import resolve_resources
+    from basnet.train.ray_resources import resolve_resources
 
     cluster(2.0)
     cfg = resolve_resources(TrainConfig(num_workers=3, batch_size=9).resolved())
@@ -341,7 +341,7 @@ def test_workers_that_fit_share_the_cpus_left_by_ray_data(cluster):
 
 def test_more_workers_than_this_machine_can_feed_are_refused_in_one_line(cluster):
     from basnet.errors import UsageError
-    from basnet.train.ray_trainer import resolve_resources
+    from basnet.train.ray_resources import resolve_resources
 
     cluster(2.0)
     with pytest.raises(UsageError, match=r"--num-workers 5 needs 5 x 0.25 CPU for the workers plus 1 for Ray "
@@ -353,7 +353,7 @@ def test_more_workers_than_this_machine_can_feed_are_refused_in_one_line(cluster
 
 
 def test_on_a_joined_cluster_a_run_larger_than_it_waits_for_nodes(cluster, caplog):
-    from basnet.train.ray_trainer import resolve_resources
+    from basnet.train.ray_resources import resolve_resources
 
     cluster(2.0, 0.0, local=False)
     cfg = resolve_resources(TrainConfig(num_workers=8, batch_size=8, cpus_per_worker=1).resolved())
@@ -361,7 +361,7 @@ def test_on_a_joined_cluster_a_run_larger_than_it_waits_for_nodes(cluster, caplo
 
 
 def test_default_gpu_workers_split_the_batch_equally(cluster, caplog):
-    from basnet.train.ray_trainer import resolve_resources
+    from basnet.train.ray_resources import resolve_resources
 
     cluster(16.0, 3.0)
     cfg = resolve_resources(TrainConfig(batch_size=8).resolved())
