@@ -127,3 +127,23 @@ def ray_session(sample_root):
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_ray_leftovers(request):
+    """A test on the session's Ray leaves no actor, placement group or running task behind: one that
+    does fails (its teardown errors, naming what it left) and is cleaned up, so the next test does not
+    starve for the CPUs the leak holds."""
+    if "ray_session" not in request.fixturenames:
+        yield
+        return
+    from ray_leaks import clean_up, leftovers, snapshot
+
+    before = snapshot()
+    yield
+    if left := leftovers(before):
+        try:
+            clean_up(before)
+        finally:
+            pytest.fail(f"{request.node.name} left running on the session's Ray: {', '.join(left)}",
+                        pytrace=False)
