@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from basnet.config import PRECISIONS, check_options, option
 from basnet.errors import ConfigError
 from basnet.transforms import FORMATS
+from basnet.watchdog import DEFAULT_STALL_TIMEOUT_S
 
 __all__ = ["InferConfig", "FORMATS", "RUNTIMES", "cpu_batch_size", "is_onnx", "torch_instead"]
 
@@ -63,6 +64,10 @@ class InferConfig:
     max_failed_fraction: float = option(0.5, "stop with exit status 1 when more than this share of the inputs "
                                               "tried failed (checked from 100 tried on, and at the end)",
                                         within=(0, 1))
+    stall_timeout: float = option(DEFAULT_STALL_TIMEOUT_S, "stop with exit status 1 and one line naming the "
+                                  "stalled pipeline's operators and the cluster's free CPUs and GPUs when no "
+                                  "batch comes out of it for this many seconds, the first included (0: wait forever)",
+                                  at_least=0, at_least_means="(wait forever)")
     dry_run: bool = option(False, "list and plan only: print the counts (to mask, to skip, refused) and a "
                                 "few examples, without loading the model")
     overwrite: bool = option(False, "redo inputs whose output already exists (default: skip them)")

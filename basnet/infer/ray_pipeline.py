@@ -48,6 +48,7 @@ from basnet.infer.manifest import FAILED, PENDING, SKIPPED, DryRun, InferSummary
 from basnet.infer.monitor import RunMonitor, storage_failure
 from basnet.infer.plan import InferPlan, plan_inference, save_config
 from basnet.infer.stages import decode_batch, write_batch
+from basnet.ray_progress import watched_dataset
 from basnet.transforms import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ __all__ = ["run_inference", "execute", "dry_run", "build_dataset", "resolve_reso
            "MODEL_RESTARTS"]
 
 MODEL_RESTARTS = 2  # replica restarts after model errors, per run, before the job fails
+DATASET_NAME = "masking"  # the pipeline's name in Ray Data's bookkeeping (and in a stall's report)
 _LIGHT = {"num_cpus": 0.1}  # the small driver-side tasks (units, weights)
 
 
@@ -277,6 +279,7 @@ def build_dataset(plan: InferPlan, units: list[dict], weights_ref: ray.ObjectRef
                "runtime": cfg.runtime}
     write = {"fmt": cfg.format, "threshold": cfg.threshold, "size": cfg.image_size}
     in_actor = _write_in_actor(cfg)
+    ds.set_name(DATASET_NAME)
     ds = ds.map_batches(_PredictorActor, fn_constructor_kwargs={
         "weights": (weights_ref,), "health": health, "threads": cfg.actor_threads, "image_size": cfg.image_size,
         "options": options, "write": write if in_actor else None}, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
@@ -338,8 +341,8 @@ def execute(plan: InferPlan) -> InferSummary:
     monitor, progress = RunMonitor(cfg.max_failed_fraction), Progress(None)
     health = _ModelHealth.remote()
     try:
-        with _block_size(cfg), contextlib.closing(iter(build_dataset(plan, units, state_ref, health).iter_batches(
-                batch_size=None, batch_format="numpy"))) as batches:  # closed: a stopped run shuts the pipeline down
+        with _block_size(cfg), contextlib.closing(watched_dataset(
+                build_dataset(plan, units, state_ref, health), "masking", cfg.stall_timeout)) as batches:
             for batch in batches:
                 writer.add(batch)
                 progress.update(len(batch["status"]), writer.counts)
@@ -371,7 +374,9 @@ def dry_run(plan: InferPlan, *, examples: int = 3) -> DryRun:
     """Lists and assigns outputs as a run would, without the model; nothing is written."""
     start = time.perf_counter()
     result = DryRun()
-    for batch in _listed(plan, _units(plan)).iter_batches(batch_size=None, batch_format="numpy"):
+    listed = _listed(plan, _units(plan))
+    listed.set_name("listing")
+    for batch in watched_dataset(listed, "listing", plan.config.stall_timeout):
         kinds, status = batch["kind"], batch["status"]
         result.to_mask += int(np.sum(kinds == "image"))
         result.shards += int(np.sum(kinds == "tar"))

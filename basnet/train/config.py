@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from basnet.config import PRECISIONS, check_options, default_crop, option
 from basnet.errors import ConfigError
 from basnet.train.tracking import TRACKERS, check_tracking, default_tracking
+from basnet.watchdog import DEFAULT_STALL_TIMEOUT_S
 
 __all__ = ["TrainConfig", "SAMPLE_DEFAULTS", "DATA_DEFAULTS", "resolve_data"]
 
@@ -64,6 +65,11 @@ class TrainConfig:
                                               "state-dict PATH (default imagenet; none on the sample)")
     max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails",
                                at_least=-1, at_least_means="(unlimited)")
+    stall_timeout: float = option(DEFAULT_STALL_TIMEOUT_S, "fail the run (exit 1, one line naming the stream and "
+                                  "the cluster's state) when no training or validation batch arrives for this "
+                                  "many seconds, the first included; a worker failure, so --max-failures "
+                                  "restarts from the last checkpoint first (0: wait forever)",
+                                  at_least=0, at_least_means="(wait forever)")
     skip_unpaired: bool = option(False, "skip images without a mask (and masks without an image) instead of failing")
     val_fraction: float = option(0.1, "held-out share for validation when the data has no DUTS-TE",
                                  between=(0, 1))

@@ -6,10 +6,12 @@ dict. Rank 0 prints one line per epoch and attaches the checkpoint; every rank r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,16 +36,18 @@ from basnet import storage
 from basnet.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint
 from basnet.data.discovery import Split
 from basnet.data.ray_pipeline import training_dataset, validation_dataset
-from basnet.errors import UsageError
+from basnet.errors import JobFailed
 from basnet.loss import HybridLoss
 from basnet.metrics import SODMetrics
-from basnet.ray_init import started_local_ray
+from basnet.ray_progress import report_for
 from basnet.train.config import TrainConfig, resolve_data
 from basnet.train.curves import CURVES_FILE, record_epoch
+from basnet.train.ray_resources import check_shared_storage, resolve_resources
 from basnet.train.tracking import Tracker, mlflow_uri, open_tracker
 from basnet.train.distributed import epoch_metrics, gather_metrics, replica_digests, sync_buffers
 from basnet.train.engine import StepLog, TrainingState, build_training_state, steps_per_epoch, train_epoch, validate
 from basnet.transforms import random_crop_flip_batch
+from basnet.watchdog import StreamStalled, watched
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ class _SplitBoth(DataConfig):
         val = datasets.pop("val", None)
         output = super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
         if val is not None:
+            if val.name is None:  # named as DataConfig names "train": a stall report finds it by name
+                val.set_name("val")
             for i, shard in enumerate(val.streaming_split(world_size, equal=False)):
                 output[i]["val"] = shard
         return output
@@ -171,11 +177,16 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     steps = steps_per_epoch(int(loop_config.get("train_images") or 0), world, batch) or None
 
+    def watch(stream: str, dataset: str, batches):
+        """The batches of one pass, failing the run with one line when none comes for --stall-timeout."""
+        return watched(batches, stream=stream, timeout_s=cfg.stall_timeout, report=report_for(dataset))
+
     def val_metrics() -> SODMetrics:
         # The bare module: DDP's forward is a collective (it broadcasts buffers), and ranks may
         # hold different numbers of validation batches.
-        return gather_metrics(validate(state.module, val_shard.iter_batches(batch_size=batch), device=device,
-                                       precision=state.precision, memory_format=state.memory_format))
+        batches = watch("validation", "val", val_shard.iter_batches(batch_size=batch))
+        return gather_metrics(validate(state.module, batches, device=device, precision=state.precision,
+                                       memory_format=state.memory_format))
 
     tracker = open_tracker(cfg.tracking or "none", run_uri=_run_uri() if rank == 0 else "", name=cfg.name, rank=rank,
                            tracking_uri=loop_config.get("mlflow_uri"))
@@ -196,9 +207,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             rng = np.random.default_rng([cfg.seed, epoch, rank])  # new crops every epoch, the same on a re-run
             # drop_last: a last batch of one image would give BatchNorm a single value per channel.
-            rows = train_shard.iter_batches(batch_size=batch, prefetch_batches=2, drop_last=True,
-                                            local_shuffle_seed=cfg.seed + epoch,
-                                            local_shuffle_buffer_size=SHUFFLE_BATCHES * batch)
+            rows = watch("train", "train", train_shard.iter_batches(
+                batch_size=batch, prefetch_batches=2, drop_last=True, local_shuffle_seed=cfg.seed + epoch,
+                local_shuffle_buffer_size=SHUFFLE_BATCHES * batch))
             batches = (random_crop_flip_batch(b, cfg.crop_size, rng) for b in rows)
             stats = train_epoch(state.model, batches, loss_fn, state.optimizer, device=device,
                                 precision=state.precision, scaler=state.scaler, memory_format=state.memory_format,
@@ -232,86 +243,6 @@ def checkpoint_uri(ckpt: ray.train.Checkpoint) -> str:
     return ckpt.path
 
 
-# CPUs a run leaves free for Ray Data's decoding tasks (each of which takes one CPU): two 1-CPU
-# workers on 2 CPUs would starve them and the run would wait forever.
-DATA_CPUS = 1.0
-_CPU_STEP = 0.25  # CPU shares are handed out in quarters
-
-
-def _cluster_cpus_gpus() -> tuple[float, float]:
-    res = ray.cluster_resources()
-    return float(res.get("CPU", 0)), float(res.get("GPU", 0))
-
-
-def _default_workers(cfg: TrainConfig, gpus: float) -> int:
-    """One worker per GPU (or GPU share), as many as split the batch equally; 1 on CPU."""
-    if not cfg.gpu:
-        return 1
-    most = max(1, int(gpus / cfg.gpus_per_worker))
-    workers = max(n for n in range(1, most + 1) if cfg.batch_size % n == 0)
-    if workers < most:
-        logger.warning("%d workers fit the cluster's GPUs but --batch-size %d splits equally across %d: "
-                       "training on %d (pass --batch-size to use them all)", most, cfg.batch_size, workers, workers)
-    return workers
-
-
-def resolve_resources(cfg: TrainConfig) -> TrainConfig:
-    """Fills GPU use, worker count and CPUs per worker from what the cluster has, and refuses a
-    run that this machine could never place (it would otherwise wait forever)."""
-    cpus, gpus = _cluster_cpus_gpus()
-    if cfg.gpu is None:
-        cfg.gpu = gpus > 0
-    if cfg.gpu and gpus == 0:
-        raise UsageError("--gpu given but the Ray cluster has no GPUs: drop --gpu or add GPU nodes")
-    if cfg.num_workers is None:
-        cfg.num_workers = _default_workers(cfg, gpus)
-    cfg.check_batch_split()
-    if cfg.cpus_per_worker is None:
-        share = math.floor((cpus - DATA_CPUS) / cfg.num_workers / _CPU_STEP) * _CPU_STEP
-        cfg.cpus_per_worker = 1.0 if cfg.gpu else max(share, _CPU_STEP)
-    _check_fits(cfg, cpus, gpus)
-    return cfg
-
-
-def _check_fits(cfg: TrainConfig, cpus: float, gpus: float) -> None:
-    workers = cfg.min_workers or cfg.num_workers
-    need_cpus = workers * cfg.cpus_per_worker + DATA_CPUS
-    need_gpus = workers * cfg.gpus_per_worker if cfg.gpu else 0.0
-    if need_cpus <= cpus + 1e-9 and need_gpus <= gpus + 1e-9:
-        return
-    if not started_local_ray():  # a cluster's autoscaler may still add the nodes
-        logger.warning("the run needs %g CPUs and %g GPUs; the cluster has %g and %g now: it waits for more nodes",
-                       need_cpus, need_gpus, cpus, gpus)
-        return
-    if need_gpus > gpus + 1e-9:
-        fit = int(gpus / cfg.gpus_per_worker)
-        raise UsageError(f"--num-workers {workers} needs {need_gpus:g} GPUs but this machine has {gpus:g}: "
-                         f"use --num-workers {fit} or fewer, or a smaller --gpus-per-worker")
-    fit = int((cpus - DATA_CPUS) / cfg.cpus_per_worker)
-    raise UsageError(f"--num-workers {workers} needs {workers} x {cfg.cpus_per_worker:g} CPU for the workers "
-                     f"plus {DATA_CPUS:g} for Ray Data's decoding, but this machine has {cpus:g} CPUs: use "
-                     f"--num-workers {max(fit, 1)} or fewer" + ("" if fit else " and a smaller --cpus-per-worker"))
-
-
-def check_shared_storage(cfg: TrainConfig) -> None:
-    """Several machines cannot share checkpoints through one machine's local disk."""
-    if storage.is_s3(cfg.storage) or os.environ.get("BASNET_STORAGE_IS_SHARED"):
-        return
-    fix = "pass --storage s3://bucket/prefix (or a shared mount and set BASNET_STORAGE_IS_SHARED=1)"
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    addresses = {n["NodeManagerAddress"] for n in nodes}
-    if len(addresses) > 1:
-        raise UsageError(f"--storage {cfg.storage} is a local path but the cluster has {len(addresses)} "
-                         f"machines: {fix}")
-    # An autoscaling cluster may show only its head now; if the workers cannot run here, they
-    # will run on machines that come later and write to their own disks.
-    here = next((n for n in nodes if n["NodeID"] == ray.get_runtime_context().get_node_id()), None)
-    resources = here["Resources"] if here else {}
-    if resources.get("CPU", 0) < cfg.cpus_per_worker or (cfg.gpu and resources.get("GPU", 0) < cfg.gpus_per_worker):
-        raise UsageError(f"--storage {cfg.storage} is a local path but the training workers cannot run "
-                         f"on this machine, so they would write elsewhere: {fix}")
-
-
 def build_trainer(cfg: TrainConfig, split: Split, *, callbacks: list | None = None) -> TorchTrainer:
     fs, path = storage.filesystem(cfg.storage)
     workers = cfg.num_workers
@@ -343,6 +274,34 @@ def build_trainer(cfg: TrainConfig, split: Split, *, callbacks: list | None = No
     )
 
 
+@contextlib.contextmanager
+def _own_sigint_handler():
+    """Ray Train installs a Ctrl-C handler that aborts its run and leaves it installed after ``fit``:
+    the handler holds the run's controller, which then outlives the run with its dataset actors (about
+    1.4 GB of processes, until the next fit replaces it), and a Ctrl-C during the evaluation that
+    follows training would exit 0. The caller's handler is put back when ``fit`` ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Ray Train installs none outside the main thread (in a Tune trial)
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stalled(error: ray.train.TrainingFailedError) -> StreamStalled | None:
+    """The stall a worker reported, if that is what failed the run (the last attempt's, after
+    --max-failures restarts)."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, StreamStalled):
+                return seen
+            seen = getattr(seen, "cause", None) or seen.__cause__
+    return None
+
+
 def best_of(result: ray.train.Result) -> tuple[str | None, dict]:
     scored = [(m, c) for c, m in (result.best_checkpoints or []) if m.get("val_mae") == m.get("val_mae")]
     if not scored:
@@ -361,7 +320,13 @@ def fit(cfg: TrainConfig, *, split: Split | None = None, callbacks: list | None 
     split = split or resolve_data(cfg)
     logger.info("training on %d pairs, validating on %d (%s); %d worker(s), gpu=%s",
                 len(split.train), len(split.val), split.val_source, cfg.num_workers, cfg.gpu)
-    result = build_trainer(cfg, split, callbacks=callbacks).fit()
+    try:
+        with _own_sigint_handler():
+            result = build_trainer(cfg, split, callbacks=callbacks).fit()
+    except ray.train.TrainingFailedError as exc:
+        if (stalled := _stalled(exc)) is not None:
+            raise JobFailed(str(stalled)) from None  # one line: the stream, the wait, the cluster
+        raise
     uri, metrics = best_of(result)
     epochs = int((result.metrics or {}).get("epoch", 0))
     if uri:

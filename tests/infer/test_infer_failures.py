@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -17,7 +18,7 @@ import ray
 from PIL import Image
 
 from basnet import storage
-from basnet.infer import ray_pipeline
+from basnet.infer import listing, ray_pipeline
 
 from conftest import load_job
 from infer_collection import encode, picture
@@ -62,15 +63,19 @@ class SmallMemoryActor(ray_pipeline._PredictorActor):
         self.predictor._forward = limited
 
 
+def stuck_listing(batch, **kwargs):
+    """The listing stage, whose listing of a folder named ``stuck`` never returns (a hung mount)."""
+    if any(str(uri).endswith("/stuck") for uri in batch["uri"]):
+        threading.Event().wait()
+    yield from listing.list_batch(batch, **kwargs)
+
+
 @pytest.fixture
-def swap_actor(monkeypatch):
-    """Runs the job with a test's replica class (shipped to the workers by value, as it lives here)."""
+def swap(monkeypatch):
+    """Runs the job with a test's replica class or stage (shipped to the workers by value, as they live
+    here): ``swap("_PredictorActor", cls)``."""
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-    def swap(cls):
-        monkeypatch.setattr(ray_pipeline, "_PredictorActor", cls)
-
-    yield swap
+    yield lambda name, replacement: monkeypatch.setattr(ray_pipeline, name, replacement)
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
@@ -107,8 +112,8 @@ def counts_add_up(output: str, n: int) -> dict[str, int]:
 
 
 def test_a_model_that_fails_on_every_batch_exits_1_with_one_line_naming_the_error(
-        ray_session, weights, tmp_path, capfd, swap_actor):
-    swap_actor(BrokenModelActor)
+        ray_session, weights, tmp_path, capfd, swap):
+    swap("_PredictorActor", BrokenModelActor)
     write_images(str(tmp_path / "in"), 6)
     status, verdict, out = run_job(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
                                     "--weights", weights], capfd)
@@ -119,9 +124,9 @@ def test_a_model_that_fails_on_every_batch_exits_1_with_one_line_naming_the_erro
 
 
 def test_out_of_memory_above_two_images_halves_the_batch_and_writes_every_mask(
-        ray_session, weights, tmp_path, capfd, swap_actor):
+        ray_session, weights, tmp_path, capfd, swap):
     SmallMemoryActor.log = str(tmp_path / "batches.txt")
-    swap_actor(SmallMemoryActor)
+    swap("_PredictorActor", SmallMemoryActor)
     write_images(str(tmp_path / "in"), 12)
     status, verdict, out = run_job(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
                                     "--weights", weights], capfd)
@@ -146,6 +151,26 @@ def test_sixty_percent_corrupt_files_exit_1_by_default_and_0_when_allowed(
         assert len(verdict) == 1 and "6 of 10 inputs tried failed (60%), above --max-failed-fraction 0.5" in verdict[0]
     else:
         assert "written 4, skipped 0, failed 6 of 10" in out and not verdict
+
+
+def test_a_pipeline_that_stops_delivering_exits_1_in_one_line_keeping_its_masks_for_the_rerun(
+        ray_session, weights, tmp_path, capfd, monkeypatch, swap):
+    write_images(str(tmp_path / "in/a"), 8)
+    write_images(str(tmp_path / "in/stuck"), 1)
+    args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights", weights]
+    swap("list_batch", stuck_listing)  # a/ is listed and masked; the listing of stuck/ never comes back
+    start = time.monotonic()
+    status, verdict, _ = run_job(args + ["--stall-timeout", "15"], capfd)
+    print(f"stalled job ended after {time.monotonic() - start:.0f} s: {verdict}")
+    assert status == 1 and len(verdict) == 1, verdict
+    assert verdict[0].startswith("failed: the masking stream delivered nothing for 1")
+    assert "(--stall-timeout 15)" in verdict[0] and "cluster free " in verdict[0]
+    assert "dataset masking_" in verdict[0] and "MapBatches(stuck_listing) RUNNING" in verdict[0]
+    assert sorted(os.listdir(tmp_path / "out/a")) == [f"img00{i}.png" for i in range(8)]
+    assert not os.path.exists(tmp_path / "out/stuck")
+    monkeypatch.undo()  # the mount is back: the re-run masks what the stalled one did not
+    status, verdict, out = run_job(args, capfd)
+    assert status == 0 and "written 1, skipped 8, failed 0 of 9" in out, (verdict, out)
 
 
 def test_a_run_that_wrote_nothing_while_inputs_failed_exits_1(ray_session, weights, tmp_path, capfd):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -221,3 +223,45 @@ def test_mlflow_tracking_logs_config_steps_and_epochs_and_a_resumed_run_continue
     assert val_mae == pytest.approx({r["epoch"]: r["val_mae"] for r in history}) and sorted(val_mae) == [0, 1, 2]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "step/loss")]
     assert len(steps) >= 2 and len(set(steps)) == len(steps)
+
+
+def stalling_validation(pairs, *, image_size: int, count: str, deliver: int):
+    """The validation dataset, whose read blocks for good from its ``deliver + 1``-th pass on (each
+    pass is one read task: 8 images make one block). ``count`` is a file with a line per pass."""
+    from basnet.data.ray_pipeline import load_batch, pairs_dataset
+
+    def read(batch):
+        with open(count, "a+") as f:
+            f.write("pass\n")
+            f.seek(0)
+            passes = len(f.read().split())
+        if passes > deliver:
+            threading.Event().wait()  # a read that never returns (a hung mount, a dead server)
+        return load_batch(batch, size=image_size)
+
+    return pairs_dataset(pairs).map_batches(read, batch_size=8, batch_format="numpy")
+
+
+@pytest.mark.ray
+def test_a_validation_stream_that_stops_fails_the_run_in_one_line_and_a_rerun_resumes_from_its_checkpoint(
+        ray_session, tmp_path, sample_root, monkeypatch):
+    from basnet.errors import JobFailed
+    from basnet.train import ray_trainer
+
+    count = str(tmp_path / "passes")
+    monkeypatch.setattr(ray_trainer, "validation_dataset", functools.partial(
+        stalling_validation, count=count, deliver=2))  # epoch 0 and 1 validate, epoch 2's read hangs
+    start = time.monotonic()
+    with pytest.raises(JobFailed) as info:
+        ray_trainer.fit(tiny_config(tmp_path, sample_root, epochs=2, stall_timeout=20, tracking="none"))
+    message = str(info.value)
+    print(f"stalled run failed after {time.monotonic() - start:.0f} s: {message}")
+    assert "\n" not in message and message.startswith("the validation stream delivered nothing for 2")
+    assert "(--stall-timeout 20)" in message and "cluster free " in message and "dataset val_" in message
+    run_dir = tmp_path / "runs" / "t"
+    assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0001"]
+    assert isinstance(load_model(str(run_dir / "epoch_0001")), BASNet)  # the checkpoint before the stall
+
+    monkeypatch.undo()  # the data is back: the same run resumes from epoch 1 and finishes epoch 2
+    out = ray_trainer.fit(tiny_config(tmp_path, sample_root, epochs=2, tracking="none"))
+    assert out.epochs_run == 2 and [r["epoch"] for r in read_history(str(run_dir))] == [0, 1, 2]
