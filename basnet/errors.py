@@ -12,7 +12,7 @@ import functools
 import sys
 from typing import Callable
 
-__all__ = ["UserError", "ConfigError", "UsageError", "JobFailed", "first_line", "main_guard"]
+__all__ = ["UserError", "ConfigError", "UsageError", "DataError", "JobFailed", "first_line", "main_guard"]
 
 
 class UserError(ValueError):
@@ -25,6 +25,10 @@ class ConfigError(UserError):
 
 class UsageError(UserError):
     """Inputs or a cluster that do not fit what the job was asked to do."""
+
+
+class DataError(UserError):
+    """A problem with the user's data, worded as one line that names the fix."""
 
 
 class JobFailed(RuntimeError):

@@ -19,6 +19,10 @@ What it measures, in one run:
    generated JPEGs: images/s of ``jobs/infer.py``'s pipeline.
 4. The model-only ceiling: BASNet's forward alone on batches of 64 at 256 px in bf16, eager and
    ``torch.compile``d, images/s.
+5. JPEG decoding of 12 MP photos to the model's 256 px: the GPU's own decoder (nvJPEG through
+   ``torchvision.io.decode_jpeg(..., device="cuda")``, batches of 8, then a GPU resize) against the
+   job's reduced CPU decode (``basnet.imaging.decode_for_model``) on one core: whether decoding should
+   move to the GPU (docs/cluster.md sizes the CPU workers from the CPU figure).
 GPU utilisation (mean of ``nvidia-smi`` samples every 0.2 s) and peak GPU memory are given per phase.
 """
 
@@ -145,6 +149,50 @@ def model_only(args) -> list[dict]:
     return rows
 
 
+def jpeg_decoding(args) -> dict:
+    """12 MP JPEGs decoded to 256 px: nvJPEG on the GPU against the reduced CPU decode on one core."""
+    import io
+
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from basnet.imaging import decode_for_model
+
+    import photos
+
+    height, width = (3024, 4032) if not args.cpu_smoke else (240, 320)
+    files = []
+    for seed in range(8):
+        buffer = io.BytesIO()
+        Image.fromarray(photos.photo(height, width, seed)).save(buffer, "JPEG", quality=92)
+        files.append(buffer.getvalue())
+    start = time.process_time()
+    for data in files * 2:
+        decode_for_model(data, 256)
+    cpu_per_core = 2 * len(files) / (time.process_time() - start)
+    out = {"cpu_images_per_s_per_core": cpu_per_core, "gpu_images_per_s": None, "megapixels": height * width / 1e6}
+    if not torch.cuda.is_available():
+        return out
+    from torchvision.io import decode_jpeg
+
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in files]
+
+    def decode_batch() -> torch.Tensor:
+        images = decode_jpeg(tensors, device="cuda")  # one batched nvJPEG call, CHW uint8 on the GPU
+        return torch.cat([F.interpolate(img[None].float(), size=(256, 256), mode="bilinear", antialias=True)
+                          for img in images])
+
+    decode_batch()  # warm-up: nvJPEG's handles and buffers
+    torch.cuda.synchronize()
+    rounds = 8
+    start = time.perf_counter()
+    for _ in range(rounds):
+        decode_batch()
+    torch.cuda.synchronize()
+    out["gpu_images_per_s"] = rounds * len(tensors) / (time.perf_counter() - start)
+    return out
+
+
 def report(results: dict, args, device: str) -> str:
     t, m = results["train"], results["mask"]
     lines = [f"GPU check on {device}, torch {torch.__version__}", "",
@@ -165,6 +213,13 @@ def report(results: dict, args, device: str) -> str:
                      f"{results['ceiling_gpu']} |")
     lines.append(f"| bulk masking / model-only eager ceiling | "
                  f"{m['images_per_s'] / results['ceiling'][0]['images_per_s']:.2f}x | |")
+    j = results["jpeg"]
+    lines.append(f"| JPEG decode to 256 px, {j['megapixels']:.0f} MP, reduced CPU decode (basnet.imaging), one core | "
+                 f"{j['cpu_images_per_s_per_core']:.1f} img/s | |")
+    if j["gpu_images_per_s"] is not None:
+        lines.append(f"| JPEG decode to 256 px, {j['megapixels']:.0f} MP, nvJPEG (batches of 8) + GPU resize | "
+                     f"{j['gpu_images_per_s']:.1f} img/s, as {j['gpu_images_per_s'] / j['cpu_images_per_s_per_core']:.0f}"
+                     f" CPU cores | {results['jpeg_gpu']} |")
     lines.append(f"| whole check | {results['seconds']:.0f} s | |")
     return "\n".join(lines)
 
@@ -210,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     with GpuSampler() as sampler:
         results["ceiling"] = model_only(args)
     results["ceiling_gpu"] = sampler.summary()
+    with GpuSampler() as sampler:
+        results["jpeg"] = jpeg_decoding(args)
+    results["jpeg_gpu"] = sampler.summary()
     results["seconds"] = time.perf_counter() - start
     print(report(results, args, device), flush=True)
     return 1 if status else 0

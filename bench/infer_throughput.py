@@ -43,10 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from basnet import storage  # noqa: E402
 from basnet.checkpoint import load_model  # noqa: E402
 from basnet.device import resolve_precision  # noqa: E402
+from basnet.imaging import decode_image, encode_png, to_grey  # noqa: E402
 from basnet.infer.config import RUNTIMES, InferConfig  # noqa: E402
 from basnet.model import BASNet  # noqa: E402
 from basnet.predict import predict_probabilities  # noqa: E402
-from basnet.transforms import decode_image, encode_png, resize_image, resize_mask, to_grey  # noqa: E402
+from basnet.transforms import resize_image, resize_mask  # noqa: E402
 
 
 def make_images(root: str, n: int, size: int) -> list[str]:

@@ -42,7 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from basnet.device import to_model_input  # noqa: E402
-from basnet.transforms import IMAGE_SUFFIXES, decode_image, render_output, resize_image  # noqa: E402
+from basnet.imaging import IMAGE_SUFFIXES, decode_image, render_output  # noqa: E402
+from basnet.transforms import resize_image  # noqa: E402
 
 REMBG_SIDE = 320
 IMAGENET_MEAN, IMAGENET_STD = np.array((0.485, 0.456, 0.406)), np.array((0.229, 0.224, 0.225))

@@ -35,10 +35,11 @@ def plain_images_per_s(sample: str, *, size: int, batch_size: int, precision: st
     """images/s of train_step in a plain loop over pre-decoded batches of ``sample``."""
     from basnet import storage
     from basnet.data.discovery import discover
+    from basnet.imaging import decode_image, decode_mask
     from basnet.loss import HybridLoss
     from basnet.train.config import TrainConfig
     from basnet.train.engine import build_training_state, train_step
-    from basnet.transforms import decode_image, decode_mask, random_crop_flip, resize_image, resize_mask
+    from basnet.transforms import random_crop_flip, resize_image, resize_mask
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rng = np.random.default_rng(0)

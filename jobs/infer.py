@@ -11,8 +11,8 @@ prints what a run would do. Each run writes its manifest to <output>/_manifest/p
 and its resolved config to <output>/_config/config-<run>.yaml.
 
 Exit status: 0 when the run is done; 1 when it failed or was stopped (a model that keeps failing,
-storage that refuses access, more failed inputs than --max-failed-fraction, or none written);
-2 for bad arguments.
+storage that refuses access, more failed inputs than --max-failed-fraction, none written, or a
+pipeline that delivered nothing for --stall-timeout); 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from basnet.config import parse_config  # noqa: E402
 from basnet.console import setup_logging  # noqa: E402
 from basnet.errors import JobFailed, main_guard  # noqa: E402
 from basnet.infer.config import InferConfig  # noqa: E402
+from basnet.infer.manifest import not_images_line  # noqa: E402
 from basnet.infer.plan import plan_inference  # noqa: E402
 from basnet.ray_init import init_ray  # noqa: E402
 
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"manifest of what was done in {plan.output_root}/_manifest/ (run {plan.run_id})", flush=True)
         raise
     print(summary.line(), flush=True)
+    if others := not_images_line(summary.not_images):
+        print(others, flush=True)
     print(summary.stages_line(), flush=True)
     print(f"masks in {summary.output}, manifest {', '.join(summary.manifest)}", flush=True)
     return 0

@@ -10,6 +10,8 @@ import tarfile
 import numpy as np
 from PIL import Image
 
+import basnet.imaging  # noqa: F401  (registers pillow-heif's HEIF opener and saver with Pillow)
+
 # Images above this many pixels are refused by the tests' runs (--max-pixels).
 MAX_PIXELS = 10_000
 
@@ -31,11 +33,15 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
-def exif_rotated_jpeg(height: int, width: int, seed: int) -> bytes:
+def rotated(height: int, width: int, seed: int, fmt: str, **kwargs) -> bytes:
     """Stored ``height x width`` with EXIF orientation 6 (rotate 90), so it shows ``width x height``."""
     exif = Image.Exif()
     exif[0x0112] = 6
-    return encode(Image.fromarray(picture(height, width, seed)), "JPEG", exif=exif.tobytes())
+    return encode(Image.fromarray(picture(height, width, seed)), fmt, exif=exif.tobytes(), **kwargs)
+
+
+def cmyk_jpeg(height: int, width: int, seed: int) -> bytes:
+    return encode(Image.fromarray(picture(height, width, seed)).convert("CMYK"), "JPEG")
 
 
 def sixteen_bit_png(height: int, width: int, seed: int) -> bytes:
@@ -53,11 +59,15 @@ def valid_files() -> dict[str, tuple[bytes, tuple[int, int]]]:
         "b/x.jpg": (rgb(48, 40, 2, "JPEG", quality=90), (48, 40)),
         "a/deep/er/y.PNG": (encode(Image.fromarray(rgba), "PNG"), (33, 45)),
         "gray.jpg": (encode(Image.fromarray(picture(37, 29, 4)[..., 1]), "JPEG"), (37, 29)),
-        "exif.jpg": (exif_rotated_jpeg(24, 40, 5), (40, 24)),
+        "exif.jpg": (rotated(24, 40, 5, "JPEG", progressive=True), (40, 24)),
         "sixteen.png": (sixteen_bit_png(30, 50, 6), (30, 50)),
         "c/z.bmp": (rgb(28, 44, 7, "BMP"), (28, 44)),
         "c/z.webp": (rgb(36, 36, 8, "WEBP"), (36, 36)),
         "d/w.TIFF": (rgb(32, 32, 9, "TIFF"), (32, 32)),
+        "phone/IMG_0001.HEIC": (rotated(30, 44, 12, "HEIF"), (44, 30)),  # pillow-heif, EXIF-rotated
+        "web/pic.avif": (rgb(34, 26, 13, "AVIF"), (34, 26)),
+        "print/cmyk.jpg": (cmyk_jpeg(26, 38, 14), (26, 38)),
+        "cam/DSC_0002.JPG": (rgb(30, 30, 15, "JPEG"), (30, 30)),
     }
 
 
@@ -66,6 +76,8 @@ EXPECTED_OUTPUTS = {
     "a/x.jpg": "a/x.png", "b/x.jpg": "b/x.png", "a/deep/er/y.PNG": "a/deep/er/y.png",
     "gray.jpg": "gray.png", "exif.jpg": "exif.png", "sixteen.png": "sixteen.png",
     "c/z.bmp": "c/z.png", "c/z.webp": "c/z.webp.png", "d/w.TIFF": "d/w.png",
+    "phone/IMG_0001.HEIC": "phone/IMG_0001.png", "web/pic.avif": "web/pic.png", "print/cmyk.jpg": "print/cmyk.png",
+    "cam/DSC_0002.JPG": "cam/DSC_0002.png",
 }
 
 
@@ -83,7 +95,7 @@ def bad_files() -> dict[str, bytes]:
 def write_collection(root: str) -> dict[str, tuple[int, int]]:
     """Writes the valid and bad files (and a non-image file) under ``root``; returns valid sizes."""
     files = {rel: data for rel, (data, _) in valid_files().items()} | bad_files()
-    files["notes.txt"] = b"not an image suffix: never listed\n"
+    files["notes.txt"] = b"not an image: listed, counted, never masked\n"
     for rel, data in files.items():
         path = os.path.join(root, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import pkgutil
 import subprocess
@@ -56,6 +57,26 @@ def test_every_module_but_the_ray_ones_imports_without_ray():
 
 def test_each_feature_has_one_home_and_no_module_is_over_400_lines():
     features = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
-    assert features == {"data", "train", "infer", "evaluate", "tune", "serve", "export"}
+    assert features == {"data", "train", "infer", "evaluate", "tune", "serve", "export", "imaging"}
     lengths = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert max(lengths.values()) <= MAX_LINES, sorted(lengths.items(), key=lambda kv: -kv[1])[:3]
+
+
+def basnet_imports(path: Path) -> set[str]:
+    """The library modules and packages a file imports, at any depth of its code (lazy imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "basnet":
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names if alias.name.split(".")[0] == "basnet"}
+    return names
+
+
+def test_no_two_library_modules_import_each_other():
+    files = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in PACKAGE.rglob("*.py")}
+    imports = {name: basnet_imports(path) & files.keys() for name, path in files.items()}
+    assert "basnet.data.sample" in imports["basnet.data.discovery"]  # the probe sees lazy imports
+    mutual = sorted((a, b) for a in imports for b in imports[a] if a < b and a in imports[b])
+    assert not mutual, mutual

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -10,18 +12,8 @@ import torch
 from PIL import Image
 
 from basnet.device import mask_to_target, to_model_input
-from basnet.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageDecodeError,
-    decode_image,
-    decode_mask,
-    encode_png,
-    has_image_suffix,
-    random_crop_flip,
-    resize_image,
-    resize_mask,
-)
+from basnet.imaging import ImageDecodeError, ImageTooLargeError, decode_image, decode_mask, encode_png, has_image_suffix
+from basnet.transforms import IMAGENET_MEAN, IMAGENET_STD, random_crop_flip, resize_image, resize_mask
 
 
 def encoded(img: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -152,10 +144,23 @@ def test_decode_above_max_pixels_raises_before_decoding():
         decode_image(data[: len(data) // 2], max_pixels=1000)
 
 
-def test_decode_pil_decompression_bomb_becomes_decode_error(monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # bombs are images above 2x this
-    with pytest.raises(ImageDecodeError, match="too large"):
-        decode_image(encoded(Image.fromarray(rgb_array(24, 40)), "PNG"))
+def png_header(width: int, height: int) -> bytes:
+    """A PNG's signature and header chunk alone: what a size check reads, without the pixels."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    idat = b"IDAT" + b"\x00" * 8  # the first pixel chunk, cut short: Pillow reads the header up to it
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+            + struct.pack(">I", 8) + idat + struct.pack(">I", zlib.crc32(idat)))
+
+
+def test_camera_sizes_pass_the_default_pixel_limit_and_larger_ones_are_refused_from_the_header():
+    # 180 MP: above Pillow's own decompression-bomb limit (179 MP), below the 200 MP default; the
+    # header passes and the missing pixels are what fails.
+    with pytest.raises(ImageDecodeError, match="truncated or corrupt image data") as info:
+        decode_image(png_header(15000, 12000))
+    assert not isinstance(info.value, ImageTooLargeError)
+    with pytest.raises(ImageTooLargeError, match=r"20001 x 10000 = 200010000 pixels, above --max-pixels 200000000"):
+        decode_image(png_header(20001, 10000))
 
 
 def test_has_image_suffix_ignores_case():

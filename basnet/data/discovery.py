@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from basnet import storage
-from basnet.errors import UserError
-from basnet.transforms import IMAGE_SUFFIXES
+from basnet.errors import DataError
+from basnet.imaging import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,6 @@ _LAYOUTS = {
         ("DUTS-TE-Image", "DUTS-TE-Mask"),
     ),
 }
-
-
-class DataError(UserError):
-    """A problem with the user's data, worded as one line that names the fix."""
 
 
 @dataclass(frozen=True)

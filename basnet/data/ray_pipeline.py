@@ -15,7 +15,8 @@ import ray.data
 
 from basnet import storage
 from basnet.data.discovery import Pair
-from basnet.transforms import ImageDecodeError, decode_image, decode_mask, resize_image, resize_mask
+from basnet.imaging import ImageDecodeError, decode_for_model, decode_mask
+from basnet.transforms import resize_mask
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +31,12 @@ def pairs_dataset(pairs: list[Pair]) -> ray.data.Dataset:
 
 def _load_pair(image_uri: str, mask_uri: str, size: int) -> tuple[np.ndarray, np.ndarray] | None:
     try:
-        image = decode_image(storage.read_bytes(image_uri))
+        image = decode_for_model(storage.read_bytes(image_uri), size)  # reduced for a large JPEG, as masking does
         mask = decode_mask(storage.read_bytes(mask_uri))
     except (ImageDecodeError, OSError) as exc:
         logger.warning("skipping %s: %s", image_uri, exc)
         return None
-    return resize_image(image, size), resize_mask(mask, size)
+    return image.image, resize_mask(mask, size)
 
 
 def load_batch(batch: dict[str, np.ndarray], *, size: int) -> dict[str, np.ndarray]:

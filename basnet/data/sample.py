@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from basnet import storage
-from basnet.data.discovery import DataError
-from basnet.transforms import encode_png
+from basnet.errors import DataError
+from basnet.imaging import encode_png
 
 logger = logging.getLogger(__name__)
 

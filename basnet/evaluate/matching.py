@@ -13,8 +13,9 @@ import posixpath
 from dataclasses import dataclass, field
 
 from basnet import storage
-from basnet.data.discovery import DataError, find_split_dirs, images_by_key
-from basnet.transforms import IMAGE_SUFFIXES
+from basnet.data.discovery import find_split_dirs, images_by_key
+from basnet.errors import DataError
+from basnet.imaging import IMAGE_SUFFIXES
 
 __all__ = ["EvalPair", "Matching", "match_folders", "resolve_gt", "prepare_folders"]
 

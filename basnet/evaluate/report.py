@@ -17,7 +17,8 @@ from PIL import Image, ImageDraw, ImageFont
 from basnet import storage
 from basnet.evaluate.matching import EvalPair
 from basnet.evaluate.scoring import Evaluation, load_pair
-from basnet.transforms import ImageDecodeError, decode_image, encode_png, resize_image
+from basnet.imaging import ImageDecodeError, decode_image, encode_png
+from basnet.transforms import resize_image
 
 __all__ = ["PAPER_BASNET_DUTS_TE", "TABLE_COLUMNS", "metrics_table", "metrics_document", "write_report",
            "plot_pr_curve", "plot_f_curve", "contact_sheet", "sheet_size", "summary_text",

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from basnet import storage
-from basnet.data.discovery import DataError
+from basnet.errors import DataError
 from basnet.evaluate.matching import EvalPair, Matching, prepare_folders
+from basnet.imaging import ImageDecodeError, decode_mask
 from basnet.metrics import SODMetrics, image_scores
-from basnet.transforms import ImageDecodeError, decode_mask, resize_mask
+from basnet.transforms import resize_mask
 
 __all__ = ["Scores", "Evaluation", "load_pair", "score_pairs", "finish_scores", "evaluate_folders"]
 

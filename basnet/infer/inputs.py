@@ -28,10 +28,10 @@ import pyarrow.parquet as pq
 
 from basnet import storage
 from basnet.errors import UsageError, first_line
+from basnet.imaging import has_image_suffix
 from basnet.infer.config import InferConfig
 from basnet.infer.monitor import storage_failure
 from basnet.infer.naming import canonical, is_under
-from basnet.transforms import has_image_suffix
 
 __all__ = ["TAR_SUFFIX", "MIN_UNITS", "InputSpec", "resolve_input", "discover_units", "image_units",
            "read_manifest", "manifest_root"]

@@ -5,7 +5,8 @@ as it goes, so the first images are decoded while other folders are still being 
 folder is listed once, sorted, and its output folder once (the skip-existing rule: an input whose
 mask exists is ``skipped`` without being read; ``--overwrite`` redoes it). Rows are dicts of the
 columns in ``ROW_COLUMNS``: ``kind`` is ``image`` or ``tar`` for work still to do, empty for an
-input settled here (``skipped``, or ``failed`` for a name that cannot be mapped safely).
+input settled here (``skipped``, or ``failed`` for a name that cannot be mapped safely) and for a
+file of a listed folder that is not an image (``not_image``: counted by the job, not an input).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import numpy as np
 
 from basnet import storage
 from basnet.errors import first_line
+from basnet.imaging import has_image_suffix
 from basnet.infer.inputs import TAR_SUFFIX, manifest_root, read_manifest
-from basnet.infer.manifest import FAILED, PENDING, SKIPPED
+from basnet.infer.manifest import FAILED, NOT_IMAGE, PENDING, SKIPPED
 from basnet.infer.naming import OutputNames, UnsafeNameError, clean_part, is_under, output_uri, printable, safe_parts
-from basnet.transforms import has_image_suffix
 
 __all__ = ["ROW_COLUMNS", "assign_outputs", "unit_rows", "list_batch"]
 
@@ -35,15 +36,16 @@ def _row(source: str, kind: str, output: str, status: str, error: str = "") -> d
             "error": printable(error)}
 
 
-def _existing(out_folder: str, overwrite: bool) -> set[str]:
-    """Names of the masks already in one output folder (one listing; none with ``--overwrite``)."""
-    return set() if overwrite else {n for n in storage.list_folder(out_folder)[0] if n.lower().endswith(".png")}
+def _existing(out_folder: str, overwrite: bool, suffix: str) -> set[str]:
+    """Names of the outputs already in one output folder (one listing; none with ``--overwrite``)."""
+    return set() if overwrite else {n for n in storage.list_folder(out_folder)[0] if n.lower().endswith(suffix)}
 
 
-def assign_outputs(sources: Sequence[str], root: str, output_root: str, *, overwrite: bool) -> list[dict]:
+def assign_outputs(sources: Sequence[str], root: str, output_root: str, *, overwrite: bool,
+                   suffix: str = ".png") -> list[dict]:
     """Rows for inputs anywhere under ``root``, in the order given (a manifest's order decides which
     of ``x.jpg`` and ``x.png`` keeps ``x.png``); each output folder is listed once."""
-    names, rows, existing = OutputNames(), [], {}
+    names, rows, existing = OutputNames(suffix), [], {}
     for source in sources:
         try:
             if not is_under(source, root):
@@ -59,14 +61,16 @@ def assign_outputs(sources: Sequence[str], root: str, output_root: str, *, overw
             continue
         out_folder, name = posixpath.split(out) if storage.is_s3(out) else os.path.split(out)
         if out_folder not in existing:
-            existing[out_folder] = _existing(out_folder, overwrite)
+            existing[out_folder] = _existing(out_folder, overwrite, suffix)
         done = name in existing[out_folder]
         rows.append(_row(source, "" if done else "image", out, SKIPPED if done else PENDING))
     return rows
 
 
-def _folder_rows(folder: str, names: list[str], root: str, output_root: str, overwrite: bool) -> list[dict]:
-    """Rows for one folder's files (sorted names), claiming output names within the folder."""
+def _folder_rows(folder: str, names: list[str], root: str, output_root: str, overwrite: bool,
+                 suffix: str) -> list[dict]:
+    """Rows for one folder's files (sorted names), claiming output names within the folder; a file
+    that is neither an image nor a shard is a ``not_image`` row, counted by the job, never masked."""
     if not (folder == root or is_under(folder, root)):
         wanted = [n for n in names if has_image_suffix(n) or n.lower().endswith(TAR_SUFFIX)]
         return [_row(storage.join(folder, n), "", "", FAILED, f"not under the root {root} (set --root)")
@@ -74,7 +78,7 @@ def _folder_rows(folder: str, names: list[str], root: str, output_root: str, ove
     relative = storage.relative_to(folder, root)
     parts = [] if relative in (".", "") else safe_parts(relative)
     out_folder = output_uri(output_root, "/".join(parts)) if parts else output_root
-    existing, claimed, rows = None, OutputNames(), []
+    existing, claimed, rows = None, OutputNames(suffix), []
     for name in names:
         source = storage.join(folder, name)
         if name.lower().endswith(TAR_SUFFIX):
@@ -82,6 +86,7 @@ def _folder_rows(folder: str, names: list[str], root: str, output_root: str, ove
             rows.append(_row(source, "tar", output_uri(output_root, shard), PENDING))
             continue
         if not has_image_suffix(name):
+            rows.append(_row(source, "", "", NOT_IMAGE))
             continue
         try:
             out_name = claimed.claim_in("", clean_part(name))
@@ -89,7 +94,7 @@ def _folder_rows(folder: str, names: list[str], root: str, output_root: str, ove
             rows.append(_row(source, "", "", FAILED, str(exc)))
             continue
         if existing is None:
-            existing = _existing(out_folder, overwrite)
+            existing = _existing(out_folder, overwrite, suffix)
         out = storage.join(out_folder, out_name)
         done = out_name in existing
         rows.append(_row(source, "" if done else "image", out, SKIPPED if done else PENDING))
@@ -113,13 +118,13 @@ def _walk(folder: str, recursive: bool, output_root: str, seen: set) -> Iterator
                 yield from _walk(sub, True, output_root, seen)
 
 
-def unit_rows(unit: dict, *, root: str, root_given: bool, output_root: str, overwrite: bool
-              ) -> Iterator[list[dict]]:
+def unit_rows(unit: dict, *, root: str, root_given: bool, output_root: str, overwrite: bool,
+              suffix: str = ".png") -> Iterator[list[dict]]:
     """The rows of one listing unit (``basnet.infer.inputs``), a folder (or a chunk) at a time."""
     kind = unit["kind"]
     if kind == "folder":
         for folder, names in _walk(unit["uri"], unit["recursive"], output_root, set()):
-            rows = _folder_rows(folder, names, root, output_root, overwrite)
+            rows = _folder_rows(folder, names, root, output_root, overwrite, suffix)
             for i in range(0, len(rows), _CHUNK):
                 yield rows[i:i + _CHUNK]
         return
@@ -128,7 +133,7 @@ def unit_rows(unit: dict, *, root: str, root_given: bool, output_root: str, over
         root = root if root_given else manifest_root(sources, root)
     else:
         sources = list(unit["uris"]) if kind == "images" else [unit["uri"]]
-    rows = assign_outputs(sources, root, output_root, overwrite=overwrite)
+    rows = assign_outputs(sources, root, output_root, overwrite=overwrite, suffix=suffix)
     for i in range(0, len(rows), _CHUNK):
         yield rows[i:i + _CHUNK]
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import logging
+import posixpath
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -22,10 +24,12 @@ from basnet import storage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PENDING", "WRITTEN", "SKIPPED", "FAILED", "STAGES", "MANIFEST_DIR", "MANIFEST_SCHEMA", "InferSummary",
-           "ManifestWriter", "read_run_manifest", "Progress", "DryRun"]
+__all__ = ["PENDING", "WRITTEN", "SKIPPED", "FAILED", "NOT_IMAGE", "STAGES", "MANIFEST_DIR", "MANIFEST_SCHEMA",
+           "InferSummary", "ManifestWriter", "read_run_manifest", "Progress", "DryRun", "without_not_images",
+           "not_images_line"]
 
 PENDING, WRITTEN, SKIPPED, FAILED = "pending", "written", "skipped", "failed"
+NOT_IMAGE = "not_image"  # a listed file that is not an image: counted by suffix, never an input of the manifest
 MANIFEST_DIR = "_manifest"  # Parquet parts only, so pyarrow/Ray can read the folder as one table
 
 # Where an input's seconds went: listing, reading the bytes, decoding and resizing, its share of
@@ -37,6 +41,28 @@ MANIFEST_SCHEMA = pa.schema([
     ("status", pa.string()), ("error", pa.string()), ("seconds", pa.float64()),
     *[(stage, pa.float64()) for stage in STAGES], ("run_id", pa.string()),
 ])
+
+
+def without_not_images(batch: dict[str, np.ndarray], counts: Counter) -> dict[str, np.ndarray]:
+    """The batch's inputs: its ``not_image`` rows are left out and counted by suffix into ``counts``."""
+    status = np.asarray(batch["status"]).astype(str)
+    other = status == NOT_IMAGE
+    if not other.any():
+        return batch
+    for name in np.asarray(batch["input"])[other].tolist():
+        suffix = posixpath.splitext(str(name).rsplit("/", 1)[-1])[1].lower()
+        counts[suffix or "(no suffix)"] += 1
+    return {key: np.asarray(values)[~other] for key, values in batch.items()}
+
+
+def not_images_line(counts: Counter, *, most: int = 5) -> str:
+    """``"5 files are not images (.txt 3, .mov 2)"``, the commonest suffixes first; empty for none."""
+    total = sum(counts.values())
+    if not total:
+        return ""
+    shown = ", ".join(f"{suffix} {n}" for suffix, n in counts.most_common(most))
+    more = f", {len(counts) - most} more suffixes" if len(counts) > most else ""
+    return f"{total} file{'s are' if total != 1 else ' is'} not {'images' if total != 1 else 'an image'} ({shown}{more})"
 
 
 @dataclass
@@ -52,6 +78,7 @@ class InferSummary:
     config: str
     run_id: str
     stage_seconds: dict[str, float] = field(default_factory=dict)  # summed over inputs, per STAGES
+    not_images: Counter = field(default_factory=Counter)  # files under --input that are not images, by suffix
 
     @property
     def total(self) -> int:
@@ -192,6 +219,7 @@ class DryRun:
     refused: int = 0
     seconds: float = 0.0
     examples: dict[str, list[str]] = field(default_factory=lambda: {"mask": [], "skip": [], "refused": []})
+    not_images: Counter = field(default_factory=Counter)
 
     def lines(self, limit: int = 3) -> list[str]:
         shards = f" and {self.shards} tar shard(s) (their members are counted when read)" if self.shards else ""
@@ -200,4 +228,6 @@ class DryRun:
         out = [head]
         for fate, examples in self.examples.items():
             out += [f"  {fate}: {example}" for example in examples[:limit]]
+        if others := not_images_line(self.not_images):
+            out.append(others)
         return out

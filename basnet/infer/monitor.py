@@ -10,6 +10,10 @@ some images':
   above ``--max-failed-fraction`` stops the run;
 * nothing written: a run whose inputs failed and that wrote no mask failed, whatever the share.
 
+The verdict is the collection's, not the run's: an input skipped because its mask exists counts
+as done, as a written one does, so a re-run over a finished collection with a few permanently bad
+files exits as the first run did.
+
 A model that keeps failing is caught by the pipeline (``basnet.infer.ray_pipeline``), which
 names the model's own error.
 """
@@ -49,7 +53,13 @@ class RunMonitor:
 
     @property
     def tried(self) -> int:
+        """Inputs this run tried (written or failed)."""
         return self.counts[WRITTEN] + self.counts[FAILED]
+
+    @property
+    def settled(self) -> int:
+        """Inputs of the collection with a verdict: done (written now or before, i.e. skipped) or failed."""
+        return self.tried + self.counts[SKIPPED]
 
     def add(self, status: np.ndarray, error: np.ndarray) -> None:
         """Counts one batch; raises ``JobFailed`` when the run should stop now."""
@@ -69,15 +79,16 @@ class RunMonitor:
 
     def finish(self) -> None:
         """The end-of-run checks; raises ``JobFailed`` for a run that failed."""
-        if self.counts[FAILED] and not self.counts[WRITTEN]:
+        if self.counts[FAILED] and not (self.counts[WRITTEN] or self.counts[SKIPPED]):
             raise JobFailed(f"wrote no mask: all {self.counts[FAILED]} inputs tried failed "
                             f"(first error: {self.first_error})")
         self._check_fraction("")
 
     def _check_fraction(self, prefix: str) -> None:
-        failed, tried = self.counts[FAILED], self.tried
-        if tried and failed / tried > self.max_failed_fraction:
-            raise JobFailed(f"{prefix}{failed} of {tried} inputs tried failed ({failed / tried:.0%}), above "
+        failed, settled = self.counts[FAILED], self.settled
+        if settled and failed / settled > self.max_failed_fraction:
+            done = f" ({self.counts[SKIPPED]} done before)" if self.counts[SKIPPED] else ""
+            raise JobFailed(f"{prefix}{failed} of {settled} inputs failed{done} ({failed / settled:.0%}), above "
                             f"--max-failed-fraction {self.max_failed_fraction:g} (first error: {self.first_error})")
 
 

@@ -1,9 +1,9 @@
 """Output names for bulk masking: each input's mask mirrors its relative path, safely.
 
 An input at relative path ``a/b/x.jpg`` (relative to the input folder, the manifest's folder or
-``--root``) gets its mask at ``<output>/a/b/x.png``. When two inputs of one folder share a stem
-(``x.jpg`` and ``x.png``), the first in sorted order keeps ``x.png`` and the others get their full
-name plus ``.png`` (``x.png.png``). A tar shard ``a/s-000.tar`` holding ``img/x.jpg`` gets
+``--root``) gets its mask at ``<output>/a/b/x.png`` (``x.webp`` for WebP cut-outs). When two inputs
+of one folder share a stem (``x.jpg`` and ``x.png``), the first in sorted order keeps ``x.png`` and
+the others get their full name plus ``.png`` (``x.png.png``). A tar shard ``a/s-000.tar`` holding ``img/x.jpg`` gets
 ``<output>/a/s-000/img/x.png``. Names holding ``..`` are refused; leading ``/``, empty and ``.``
 parts are dropped and control characters become ``_``, so every output path stays under ``--output``.
 """
@@ -55,10 +55,12 @@ def printable(text: str) -> str:
 
 
 class OutputNames:
-    """Assigns each input a distinct ``.png`` output name relative to the output root."""
+    """Assigns each input a distinct output name (``suffix``: ``.png``, or ``.webp`` for WebP
+    cut-outs) relative to the output root."""
 
-    def __init__(self) -> None:
+    def __init__(self, suffix: str = ".png") -> None:
         self.taken: set[str] = set()
+        self.suffix = suffix
 
     def claim(self, relative: str) -> str:
         """Returns the output's relative path for an input's relative path.
@@ -73,7 +75,7 @@ class OutputNames:
         """:meth:`claim` for a name already made safe (one part of :func:`safe_parts`) in a folder
         already made safe (its parts joined with ``/``; empty for the root)."""
         stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
-        for candidate in (stem + ".png", name + ".png"):
+        for candidate in (stem + self.suffix, name + self.suffix):
             path = f"{folder}/{candidate}" if folder else candidate
             if path not in self.taken:
                 self.taken.add(path)

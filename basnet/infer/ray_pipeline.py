@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from typing import Sequence
 
 import numpy as np
@@ -41,15 +42,26 @@ import ray.data
 
 from basnet import storage
 from basnet.errors import JobFailed, UsageError, UserError
+from basnet.imaging import IMAGE_SUFFIXES
 from basnet.infer.config import InferConfig, cpu_batch_size
 from basnet.infer.inputs import discover_units
 from basnet.infer.listing import list_batch
-from basnet.infer.manifest import FAILED, PENDING, SKIPPED, DryRun, InferSummary, ManifestWriter, Progress
+from basnet.infer.manifest import (
+    FAILED,
+    PENDING,
+    SKIPPED,
+    DryRun,
+    InferSummary,
+    ManifestWriter,
+    Progress,
+    not_images_line,
+    without_not_images,
+)
 from basnet.infer.monitor import RunMonitor, storage_failure
 from basnet.infer.plan import InferPlan, plan_inference, save_config
 from basnet.infer.stages import decode_batch, write_batch
+from basnet.ray_errors import get, user_error
 from basnet.ray_progress import watched_dataset
-from basnet.transforms import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +127,18 @@ def resolve_resources(cfg: InferConfig) -> InferConfig:
 
 @ray.remote(num_cpus=0)
 class _ModelHealth:
-    """Counts the model errors of a run's replicas (a restarted replica keeps no memory of its own)."""
+    """Counts the model errors of a run's replicas (a restarted replica keeps no memory of its own),
+    and knows the replicas, so a failed run can make sure none outlives it."""
 
     def __init__(self) -> None:
         self.errors: list[str] = []
+        self.replicas: dict[str, object] = {}
+
+    def started(self, actor_id: str, replica) -> None:
+        self.replicas[actor_id] = replica  # a restarted replica is the same actor
+
+    def all_replicas(self) -> list:
+        return list(self.replicas.values())
 
     def failed(self, message: str) -> int:
         self.errors.append(message)
@@ -139,6 +159,8 @@ class _PredictorActor:
 
         # The reference arrives inside a tuple so Ray does not resolve it before the actor needs it.
         state = ray.get(weights[0])
+        context = ray.get_runtime_context()
+        health.started.remote(context.get_actor_id(), context.current_actor)
         use_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         if not use_gpu:
             torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers
@@ -199,39 +221,8 @@ def _find_units(plan: InferPlan) -> list[dict]:
         raise storage_failure("--input", plan.input.uri, exc) from None
 
 
-def _user_error(exc: BaseException) -> BaseException | None:
-    """The user or job error a Ray exception carries (from a task's cause chain), if any."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, (UserError, JobFailed)):
-            return cause
-        if isinstance(exc, (UserError, JobFailed)) and not isinstance(exc, ray.exceptions.RayError):
-            return exc
-        exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
-    return None
-
-
-def _get(ref, *also_failed):
-    """``ray.get``, raising the user or job error a task raised as itself (one line, not a Ray
-    traceback). ``also_failed``: refs of the same task, fetched on failure so Ray does not report
-    their errors as unhandled."""
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayError as exc:
-        for other in also_failed:
-            try:
-                ray.get(other)
-            except ray.exceptions.RayError:
-                pass
-        if (error := _user_error(exc)) is not None:
-            raise error from None
-        raise
-
-
 def _units(plan: InferPlan) -> list[dict]:
-    return plan.units if plan.units is not None else _get(_find_units.remote(plan))
+    return plan.units if plan.units is not None else get(_find_units.remote(plan))
 
 
 def _task_args(cfg: InferConfig) -> dict:
@@ -261,7 +252,7 @@ def _listed(plan: InferPlan, units: list[dict]) -> ray.data.Dataset:
     ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 4 * pool)))
     return ds.map_batches(list_batch, batch_size=1, compute=ray.data.TaskPoolStrategy(size=pool), fn_kwargs={
         "root": plan.input.root, "root_given": plan.input.root_given or plan.input.kind != "manifest",
-        "output_root": plan.output_root, "overwrite": cfg.overwrite}, **args)
+        "output_root": plan.output_root, "overwrite": cfg.overwrite, "suffix": cfg.output_suffix()}, **args)
 
 
 def build_dataset(plan: InferPlan, units: list[dict], weights_ref: ray.ObjectRef, health) -> ray.data.Dataset:
@@ -272,12 +263,14 @@ def build_dataset(plan: InferPlan, units: list[dict], weights_ref: ray.ObjectRef
     if cfg.resources("actor_resources"):
         actor_args["resources"] = cfg.resources("actor_resources")
     ds = _listed(plan, units).map_batches(decode_batch, fn_kwargs={
-        "size": cfg.image_size, "max_pixels": cfg.max_pixels, "keep_bytes": cfg.format == "rgba",
-        "overwrite": cfg.overwrite, "batch_size": cfg.task_batch_size},
+        "size": cfg.image_size, "max_pixels": cfg.max_pixels, "reduced": not cfg.full_decode,
+        "keep_bytes": cfg.format == "rgba", "overwrite": cfg.overwrite, "suffix": cfg.output_suffix(),
+        "batch_size": cfg.task_batch_size},
         compute=ray.data.TaskPoolStrategy(size=_task_pools(cfg)[1]), **task_args)
     options = {"precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile,
                "runtime": cfg.runtime}
-    write = {"fmt": cfg.format, "threshold": cfg.threshold, "size": cfg.image_size}
+    write = {"fmt": cfg.format, "threshold": cfg.threshold, "size": cfg.image_size, "encoding": cfg.encoding,
+             "max_pixels": cfg.max_pixels}
     in_actor = _write_in_actor(cfg)
     ds.set_name(DATASET_NAME)
     ds = ds.map_batches(_PredictorActor, fn_constructor_kwargs={
@@ -313,8 +306,17 @@ def _block_size(cfg: InferConfig):
         ctx.target_max_block_size = saved
 
 
-def _no_inputs(plan: InferPlan) -> UsageError:
-    return UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) or .tar shards under {plan.config.input}")
+def _stop_replicas(health) -> None:
+    """Kills a failed run's model replicas. Ray Data shuts a failed execution down gently, and a
+    replica that was restarting then (after a model error) was seen to outlive the run, holding its
+    CPUs or GPU."""
+    for replica in ray.get(health.all_replicas.remote()):
+        ray.kill(replica, no_restart=True)
+
+
+def _no_inputs(plan: InferPlan, not_images: Counter) -> UsageError:
+    others = f" ({not_images_line(not_images)})" if not_images else ""
+    return UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) or .tar shards under {plan.config.input}{others}")
 
 
 def execute(plan: InferPlan) -> InferSummary:
@@ -330,7 +332,7 @@ def execute(plan: InferPlan) -> InferSummary:
     units = _units(plan)
     # Waiting for the weights (loaded while the units were found) keeps a bad checkpoint a one-line
     # error; replicas started before would fail their start with Ray's tracebacks.
-    cfg = resolve_resources(dataclasses.replace(cfg, image_size=_get(size_ref, state_ref)))
+    cfg = resolve_resources(dataclasses.replace(cfg, image_size=get(size_ref, state_ref)))
     plan = dataclasses.replace(plan, config=cfg)
     save_config(cfg, plan.config_uri, plan.run_id)  # now with the size and resources resolved
     logger.info("masking %s into %s at %d px: %d listing unit(s), %d %s actor(s), %.2g GPU, %.2g CPU and "
@@ -338,22 +340,24 @@ def execute(plan: InferPlan) -> InferSummary:
                 cfg.image_size, len(units), cfg.actors, cfg.runtime, cfg.num_gpus_per_actor, cfg.cpus_per_actor,
                 cfg.actor_threads)
     writer = ManifestWriter(plan.output_root, plan.run_id)
-    monitor, progress = RunMonitor(cfg.max_failed_fraction), Progress(None)
+    monitor, progress, not_images = RunMonitor(cfg.max_failed_fraction), Progress(None), Counter()
     health = _ModelHealth.remote()
     try:
         with _block_size(cfg), contextlib.closing(watched_dataset(
                 build_dataset(plan, units, state_ref, health), "masking", cfg.stall_timeout)) as batches:
             for batch in batches:
+                batch = without_not_images(batch, not_images)
                 writer.add(batch)
                 progress.update(len(batch["status"]), writer.counts)
                 monitor.add(batch["status"], batch["error"])
         if not writer.rows:
-            raise _no_inputs(plan)
+            raise _no_inputs(plan, not_images)
         monitor.finish()
     except Exception as exc:
+        _stop_replicas(health)
         if isinstance(exc, (JobFailed, UserError)) and not isinstance(exc, ray.exceptions.RayError):
             raise  # the monitor's own verdict
-        if (error := _user_error(exc)) is not None:  # a Ray or Ray Data error carrying a user's cause
+        if (error := user_error(exc)) is not None:  # a Ray or Ray Data error carrying a user's cause
             raise error from None
         if (model_error := ray.get(health.last.remote())) is not None:
             raise JobFailed(f"the model failed {MODEL_RESTARTS + 1} times (replica restarted "
@@ -367,7 +371,7 @@ def execute(plan: InferPlan) -> InferSummary:
     return InferSummary(written=counts.get("written", 0), skipped=counts.get("skipped", 0),
                         failed=counts.get("failed", 0), seconds=time.perf_counter() - start,
                         output=plan.output_root, manifest=writer.parts, config=plan.config_uri, run_id=plan.run_id,
-                        stage_seconds=dict(writer.stage_seconds))
+                        stage_seconds=dict(writer.stage_seconds), not_images=not_images)
 
 
 def dry_run(plan: InferPlan, *, examples: int = 3) -> DryRun:
@@ -377,6 +381,7 @@ def dry_run(plan: InferPlan, *, examples: int = 3) -> DryRun:
     listed = _listed(plan, _units(plan))
     listed.set_name("listing")
     for batch in watched_dataset(listed, "listing", plan.config.stall_timeout):
+        batch = without_not_images(batch, result.not_images)
         kinds, status = batch["kind"], batch["status"]
         result.to_mask += int(np.sum(kinds == "image"))
         result.shards += int(np.sum(kinds == "tar"))
@@ -389,5 +394,5 @@ def dry_run(plan: InferPlan, *, examples: int = 3) -> DryRun:
                 result.examples[fate].append(f"{batch['input'][i]} -> {detail}")
     result.seconds = time.perf_counter() - start
     if not (result.to_mask or result.shards or result.to_skip or result.refused):
-        raise _no_inputs(plan)
+        raise _no_inputs(plan, result.not_images)
     return result

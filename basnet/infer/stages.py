@@ -4,7 +4,7 @@ Stage 1, ``decode_batch``: listed rows in, decoded rows out; an image is read, d
 applied) and resized to the model's side; a tar shard is streamed front to back and expanded into
 one row per member image. A file that cannot be read or decoded becomes a ``failed`` row instead of
 an exception. Stage 3, ``write_batch``: each pending row's map resized back to the image's original
-size, rendered (``basnet.transforms.render_output``) and written atomically.
+size, rendered (``basnet.imaging.render_output``) and written atomically.
 
 Pixels travel as bytes columns (``image``: the resized uint8 RGB; ``prob``: the float32 map), empty
 for rows that carry none (settled or failed ones), so a run that skips a million done inputs moves
@@ -23,9 +23,9 @@ import numpy as np
 
 from basnet import storage
 from basnet.errors import first_line
+from basnet.imaging import ImageDecodeError, decode_for_model, has_image_suffix, render_output
 from basnet.infer.manifest import FAILED, PENDING, SKIPPED, STAGES, WRITTEN
 from basnet.infer.naming import OutputNames, UnsafeNameError, output_uri, printable
-from basnet.transforms import ImageDecodeError, decode_image, has_image_suffix, render_output, resize_image
 
 __all__ = ["DECODED_COLUMNS", "decode_batch", "write_batch", "read_error"]
 
@@ -65,17 +65,15 @@ class _Rows:
 
 
 def _decode_into(out: _Rows, display: str, output: str, data: bytes, *, size: int, max_pixels: int,
-                 keep_bytes: bool, list_s: float, read_s: float) -> dict | None:
+                 reduced: bool, keep_bytes: bool, list_s: float, read_s: float) -> dict | None:
     start = time.perf_counter()
     try:
-        image = decode_image(data, max_pixels=max_pixels)
-        resized = resize_image(image, size)
+        decoded = decode_for_model(data, size, max_pixels=max_pixels, reduced=reduced)
     except ImageDecodeError as exc:
         return out.add(display, output, FAILED, str(exc), list_s=list_s, read_s=read_s,
                        decode_s=time.perf_counter() - start)
-    height, width = image.shape[:2]
-    return out.add(display, output, PENDING, width=width, height=height, image=resized.tobytes(),
-                   data=data if keep_bytes else b"", list_s=list_s, read_s=read_s,
+    return out.add(display, output, PENDING, width=decoded.width, height=decoded.height,
+                   image=decoded.image.tobytes(), data=data if keep_bytes else b"", list_s=list_s, read_s=read_s,
                    decode_s=time.perf_counter() - start)
 
 
@@ -88,10 +86,10 @@ def _image(out: _Rows, source: str, output: str, list_s: float, **kwargs) -> dic
     return _decode_into(out, source, output, data, list_s=list_s, read_s=time.perf_counter() - start, **kwargs)
 
 
-def _shard(out: _Rows, shard: str, folder: str, *, overwrite: bool, **kwargs) -> Iterator[dict]:
+def _shard(out: _Rows, shard: str, folder: str, *, overwrite: bool, suffix: str, **kwargs) -> Iterator[dict]:
     """Streams a shard once, front to back (no seeks, so an S3 shard is read in one GET)."""
-    existing = set() if overwrite else set(storage.list_files(folder, [".png"]))
-    names, seen = OutputNames(), 0
+    existing = set() if overwrite else set(storage.list_files(folder, [suffix]))
+    names, seen = OutputNames(suffix), 0
     try:
         fs, path = storage.filesystem(shard)
         with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
@@ -122,21 +120,24 @@ def _member(out: _Rows, tar: tarfile.TarFile, member: tarfile.TarInfo, shard: st
     return _decode_into(out, display, output, data, list_s=0.0, read_s=time.perf_counter() - start, **kwargs)
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, size: int, max_pixels: int, keep_bytes: bool,
-                 overwrite: bool, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def decode_batch(batch: dict[str, np.ndarray], *, size: int, max_pixels: int, keep_bytes: bool, overwrite: bool,
+                 batch_size: int, reduced: bool = True, suffix: str = ".png") -> Iterator[dict[str, np.ndarray]]:
     """Stage 1: listed rows in, decoded rows out, at most ``batch_size`` rows per yielded batch.
 
-    Each image is resized to ``size`` for the model; its original size (after EXIF rotation) is
-    kept for the way back. Image bytes travel on only for ``--format rgba`` (``keep_bytes``).
-    Rows the listing settled (``kind`` empty: skipped, refused) pass through untouched.
+    Each image is decoded for the model (reduced, for a large JPEG, unless ``reduced`` is off) and
+    resized to ``size``; its original size (after EXIF rotation) is kept for the way back. Image
+    bytes travel on only for ``--format rgba`` (``keep_bytes``). Rows the listing settled (``kind``
+    empty: skipped, refused, not images) pass through untouched. ``suffix``: the outputs' (a shard's
+    members are named here).
     """
-    out, opts = _Rows(batch_size), {"size": size, "max_pixels": max_pixels, "keep_bytes": keep_bytes}
+    out = _Rows(batch_size)
+    opts = {"size": size, "max_pixels": max_pixels, "reduced": reduced, "keep_bytes": keep_bytes}
     for i, kind in enumerate(batch["kind"]):
         source, output, list_s = str(batch["source"][i]), str(batch["output"][i]), float(batch["list_s"][i])
         if kind == "image":
             full = [_image(out, source, output, list_s, **opts)]
         elif kind == "tar":
-            full = _shard(out, source, output, overwrite=overwrite, **opts)
+            full = _shard(out, source, output, overwrite=overwrite, suffix=suffix, **opts)
         else:
             full = [out.add(str(batch["input"][i]), output, str(batch["status"][i]), str(batch["error"][i]),
                             list_s=list_s)]
@@ -145,8 +146,10 @@ def decode_batch(batch: dict[str, np.ndarray], *, size: int, max_pixels: int, ke
         yield rest
 
 
-def write_batch(batch: dict[str, np.ndarray], *, fmt: str, threshold: float, size: int) -> dict[str, np.ndarray]:
-    """Stage 3: writes each pending row's output atomically; returns the manifest's columns."""
+def write_batch(batch: dict[str, np.ndarray], *, fmt: str, threshold: float, size: int, encoding: str = "png",
+                max_pixels: int | None = None) -> dict[str, np.ndarray]:
+    """Stage 3: renders each pending row's output at its image's size, encodes it in ``encoding`` and
+    writes it atomically; returns the manifest's columns."""
     status = np.array(batch["status"], dtype=object)
     error = np.array(batch["error"], dtype=object)
     encode_s, write_s = np.zeros(len(status)), np.zeros(len(status))
@@ -154,10 +157,11 @@ def write_batch(batch: dict[str, np.ndarray], *, fmt: str, threshold: float, siz
         start = time.perf_counter()
         try:
             prob = np.frombuffer(batch["prob"][i], dtype=np.float32).reshape(size, size)
-            png = render_output(prob, int(batch["height"][i]), int(batch["width"][i]), fmt=fmt, threshold=threshold,
-                                source=batch["data"][i])
+            encoded = render_output(prob, int(batch["height"][i]), int(batch["width"][i]), fmt=fmt,
+                                    threshold=threshold, source=batch["data"][i], encoding=encoding,
+                                    max_pixels=max_pixels)
             encode_s[i] = time.perf_counter() - start
-            storage.write_bytes(str(batch["output"][i]), png)
+            storage.write_bytes(str(batch["output"][i]), encoded)
             status[i] = WRITTEN
         except Exception as exc:  # a failed PUT or encode is this input's failure only
             status[i], error[i] = FAILED, printable(f"cannot write: {exc}")

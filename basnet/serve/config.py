@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from basnet import storage
 from basnet.config import PRECISIONS, check_options, option
 from basnet.errors import ConfigError, UsageError
-from basnet.transforms import FORMATS
+from basnet.imaging import DEFAULT_MAX_PIXELS, FORMATS
 
 __all__ = ["ServeConfig", "AUTO"]
 
@@ -39,8 +39,12 @@ class ServeConfig:
                                               "there)", positive=True)
     batch_wait_ms: float = option(5.0, "how long a batch waits for more requests once its first has come",
                                   at_least=0)
-    max_bytes: int = option(32 * 2**20, "refuse (413) request bodies larger than this many bytes", positive=True)
-    max_pixels: int = option(40_000_000, "refuse (413) images with more pixels than this", positive=True)
+    max_bytes: int = option(128 * 2**20, "refuse (413) request bodies larger than this many bytes (128 MiB: a "
+                                         "100 MP camera JPEG fits)", positive=True)
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "refuse (413) images with more pixels than this (200 MP, as the "
+                                                 "bulk job)", positive=True)
+    full_decode: bool = option(False, "decode JPEGs at full size before resizing for the model, as the bulk "
+                                      "job's --full-decode (default: reduced, see docs/infer.md)")
     num_replicas: str = option("1", "model replicas: a number, or 'auto' for Serve's autoscaling "
                                   "(1 to 100 replicas, aiming at one batch in flight each)")
     num_gpus_per_replica: float | None = option(None, "GPUs per replica (default 1 if the cluster has GPUs, "

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from basnet.transforms import FORMATS, ImageDecodeError, ImageTooLargeError, decode_image, resize_image
+from basnet.imaging import FORMATS, ImageDecodeError, ImageTooLargeError, decode_for_model
 
 __all__ = ["RequestError", "MaskRequest", "Upload", "mask_options", "read_upload", "decode_upload", "error_json",
            "OPTIONS"]
@@ -125,17 +125,17 @@ def _form_file(body: bytes, content_type: str) -> tuple[bytes, str, str]:
     raise RequestError(400, "the multipart form has no 'file' field: " + _SEND)
 
 
-def decode_upload(data: bytes, *, size: int, max_pixels: int, filename: str = "") -> Upload:
-    """Decodes (EXIF orientation applied) and resizes one image for the model, as the bulk job does.
+def decode_upload(data: bytes, *, size: int, max_pixels: int, reduced: bool = True, filename: str = "") -> Upload:
+    """Decodes (EXIF orientation applied; a large JPEG at a reduced scale unless ``reduced`` is off)
+    and resizes one image for the model, as the bulk job does.
 
     Raises:
         RequestError: 413 above ``max_pixels``; 400 for bytes that are not a decodable image.
     """
     try:
-        image = decode_image(data, max_pixels=max_pixels)
+        decoded = decode_for_model(data, size, max_pixels=max_pixels, reduced=reduced)
     except ImageTooLargeError as exc:
         raise RequestError(413, f"{exc}: send a smaller image") from None
     except ImageDecodeError as exc:
         raise RequestError(400, f"cannot decode the image: {exc}") from None
-    height, width = image.shape[:2]
-    return Upload(data, resize_image(image, size), height, width, filename)
+    return Upload(data, decoded.image, decoded.height, decoded.width, filename)

@@ -4,7 +4,7 @@ One replica holds one model. A request is read, checked and decoded on its own (
 in a thread, so the event loop keeps taking requests); only decoded images join a batch
 (``@serve.batch``), which runs in the replica's one model thread; the map comes back to its request,
 which renders it at the image's original size exactly as the bulk job does
-(``basnet.transforms.render_output``). Out of memory halves the batch (``MaskPredictor``); a model
+(``basnet.imaging.render_output``). Out of memory halves the batch (``MaskPredictor``); a model
 that fails three batches in a row fails its health check and Serve replaces the replica.
 
 ``build_app(args)`` is the application builder ``serve run`` / ``serve deploy`` call with the
@@ -31,10 +31,10 @@ from starlette.responses import Response
 
 from basnet.config import from_dict, option_type
 from basnet.errors import UsageError
+from basnet.imaging import FORMATS, render_output
 from basnet.infer.config import cpu_batch_size
 from basnet.serve.config import ServeConfig
 from basnet.serve.http import RequestError, decode_upload, error_json, mask_options, read_upload
-from basnet.transforms import FORMATS, render_output
 
 logger = logging.getLogger(__name__)
 
@@ -183,10 +183,11 @@ class Masker:
             if len(data) > self.cfg.max_bytes:
                 raise RequestError(413, f"the image is {len(data)} bytes, above --max-bytes {self.cfg.max_bytes}")
             upload = await asyncio.to_thread(decode_upload, data, size=self.size, max_pixels=self.cfg.max_pixels,
-                                             filename=filename)
+                                             reduced=not self.cfg.full_decode, filename=filename)
             prob = await self.predict(upload.image)
             png = await asyncio.to_thread(render_output, prob, upload.height, upload.width, fmt=options.format,
-                                          threshold=options.threshold, source=upload.data)
+                                          threshold=options.threshold, source=upload.data,
+                                          max_pixels=self.cfg.max_pixels)
         except RequestError as exc:
             self.stats["refused"] += 1
             return _error(exc)

@@ -36,9 +36,9 @@ from basnet import storage
 from basnet.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint
 from basnet.data.discovery import Split
 from basnet.data.ray_pipeline import training_dataset, validation_dataset
-from basnet.errors import JobFailed
 from basnet.loss import HybridLoss
 from basnet.metrics import SODMetrics
+from basnet.ray_errors import user_error
 from basnet.ray_progress import report_for
 from basnet.train.config import TrainConfig, resolve_data
 from basnet.train.curves import CURVES_FILE, record_epoch
@@ -47,7 +47,7 @@ from basnet.train.tracking import Tracker, mlflow_uri, open_tracker
 from basnet.train.distributed import epoch_metrics, gather_metrics, replica_digests, sync_buffers
 from basnet.train.engine import StepLog, TrainingState, build_training_state, steps_per_epoch, train_epoch, validate
 from basnet.transforms import random_crop_flip_batch
-from basnet.watchdog import StreamStalled, watched
+from basnet.watchdog import watched
 
 logger = logging.getLogger(__name__)
 
@@ -290,18 +290,6 @@ def _own_sigint_handler():
         signal.signal(signal.SIGINT, previous)
 
 
-def _stalled(error: ray.train.TrainingFailedError) -> StreamStalled | None:
-    """The stall a worker reported, if that is what failed the run (the last attempt's, after
-    --max-failures restarts)."""
-    for failure in getattr(error, "worker_failures", {}).values():
-        seen = failure
-        while seen is not None:
-            if isinstance(seen, StreamStalled):
-                return seen
-            seen = getattr(seen, "cause", None) or seen.__cause__
-    return None
-
-
 def best_of(result: ray.train.Result) -> tuple[str | None, dict]:
     scored = [(m, c) for c, m in (result.best_checkpoints or []) if m.get("val_mae") == m.get("val_mae")]
     if not scored:
@@ -324,8 +312,8 @@ def fit(cfg: TrainConfig, *, split: Split | None = None, callbacks: list | None 
         with _own_sigint_handler():
             result = build_trainer(cfg, split, callbacks=callbacks).fit()
     except ray.train.TrainingFailedError as exc:
-        if (stalled := _stalled(exc)) is not None:
-            raise JobFailed(str(stalled)) from None  # one line: the stream, the wait, the cluster
+        if (error := user_error(exc)) is not None:  # a worker's stall, a user's error: one line
+            raise error from None
         raise
     uri, metrics = best_of(result)
     epochs = int((result.metrics or {}).get("epoch", 0))

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from basnet.data.discovery import DataError, Pair, discover, evaluation_pairs, find_split_dirs, hold_out, pair_files
+from basnet.data.discovery import Pair, discover, evaluation_pairs, find_split_dirs, hold_out, pair_files
+from basnet.errors import DataError
 
 
 def touch(root: Path, *names: str) -> None:

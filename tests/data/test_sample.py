@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from basnet.data import sample
-from basnet.data.discovery import DataError, discover
+from basnet.data.discovery import discover
 from basnet.data.sample import default_sample_dir, ensure_sample, generate_sample
+from basnet.errors import DataError
 
 SMALL = {"n_train": 6, "n_test": 3, "size": (40, 48)}
 
@@ -127,7 +128,7 @@ def test_ensure_sample_refuses_other_parameters_or_foreign_folder(tmp_path):
 
 
 def test_sample_masks_decode_like_duts_masks(sample_root):
-    from basnet.transforms import decode_image, decode_mask
+    from basnet.imaging import decode_image, decode_mask
 
     pair = discover(sample_root).val[0]
     image = decode_image(Path(pair.image).read_bytes())

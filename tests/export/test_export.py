@@ -19,7 +19,8 @@ from basnet.errors import UsageError
 from basnet.export.onnx_model import SIZE_KEY, check_onnx, export_onnx, ort_session
 from basnet.infer.predictor import load_weights
 from basnet.predict import predict_probabilities
-from basnet.transforms import decode_image, render_output, resize_image
+from basnet.imaging import decode_image, render_output
+from basnet.transforms import resize_image
 
 from conftest import load_job
 

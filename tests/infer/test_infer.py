@@ -23,11 +23,12 @@ from PIL import Image
 from basnet import storage
 from basnet.checkpoint import load_model
 from basnet.infer.config import InferConfig
-from basnet.infer.manifest import read_run_manifest
+from basnet.infer.manifest import not_images_line, read_run_manifest
 from basnet.infer import ray_pipeline
 from basnet.infer.ray_pipeline import run_inference
 from basnet.predict import predict_probabilities
-from basnet.transforms import decode_image, resize_image, resize_mask
+from basnet.imaging import decode_image
+from basnet.transforms import resize_image, resize_mask
 
 from infer_collection import EXPECTED_OUTPUTS, MAX_PIXELS, bad_files, encode, picture, write_collection, write_shard
 
@@ -74,10 +75,11 @@ def test_every_valid_image_gets_a_mask_of_its_original_size_at_its_mirrored_path
         assert (mask.mode, (mask.height, mask.width)) == ("L", size), rel
 
 
-def test_bad_inputs_are_failed_in_the_manifest_and_counts_add_up(collection, local_run):
+def test_bad_inputs_are_failed_in_the_manifest_a_non_image_is_counted_and_counts_add_up(collection, local_run):
     root, sizes = collection
     out, summary = local_run
     assert (summary.written, summary.skipped, summary.failed) == (len(sizes), 0, len(bad_files()))
+    assert not_images_line(summary.not_images) == "1 file is not an image (.txt 1)"  # notes.txt: named, not an input
     table = read_run_manifest(summary)
     assert table.num_rows == summary.total == len(sizes) + len(bad_files())
     rows = {os.path.relpath(r["input"], root): r for r in table.to_pylist()}

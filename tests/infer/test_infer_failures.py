@@ -148,7 +148,7 @@ def test_sixty_percent_corrupt_files_exit_1_by_default_and_0_when_allowed(
     counts = counts_add_up(str(tmp_path / "out"), 10)
     assert counts == {"written": 4, "skipped": 0, "failed": 6}
     if expected:
-        assert len(verdict) == 1 and "6 of 10 inputs tried failed (60%), above --max-failed-fraction 0.5" in verdict[0]
+        assert len(verdict) == 1 and "6 of 10 inputs failed (60%), above --max-failed-fraction 0.5" in verdict[0]
     else:
         assert "written 4, skipped 0, failed 6 of 10" in out and not verdict
 
@@ -181,10 +181,12 @@ def test_a_run_that_wrote_nothing_while_inputs_failed_exits_1(ray_session, weigh
     assert counts_add_up(str(tmp_path / "out"), 3)["failed"] == 3
 
 
-def test_dry_run_prints_the_counts_and_examples_without_the_model(ray_session, weights, tmp_path, capfd):
+def test_dry_run_prints_the_counts_examples_and_files_that_are_not_images_without_the_model(ray_session, weights, tmp_path, capfd):
     write_images(str(tmp_path / "in/a"), 5)
     write_images(str(tmp_path / "in/b"), 2)
     (tmp_path / "in/b/../b/x.JPG").write_bytes(b"x")  # a second image named x in b: no collision
+    for other in ("a/clip.mov", "a/clip2.mov", "b/readme.md"):
+        (tmp_path / "in" / other).write_bytes(b"not an image")
     os.makedirs(tmp_path / "out/a")
     (tmp_path / "out/a/img000.png").write_bytes(b"done")
     (tmp_path / "not-torch.pth").write_text("the model is never loaded")
@@ -194,6 +196,7 @@ def test_dry_run_prints_the_counts_and_examples_without_the_model(ray_session, w
     assert out.splitlines()[0].startswith("dry run: to mask 7 image(s), to skip 1 (mask exists), refused 0")
     assert f"  mask: {tmp_path}/in/a/img001.jpg -> {tmp_path}/out/a/img001.png" in out
     assert f"  skip: {tmp_path}/in/a/img000.jpg -> {tmp_path}/out/a/img000.png" in out
+    assert "3 files are not images (.mov 2, .md 1)" in out.splitlines()
     assert os.listdir(tmp_path / "out") == ["a"]  # nothing written: no config, no manifest
 
 
@@ -265,10 +268,13 @@ def test_s3_input_with_a_wrong_secret_key_stops_early_with_exit_1_and_the_access
     assert right.returncode == 0 and "to mask 4 image(s)" in right.stdout, right.stderr  # the secret was the fault
 
 
-def test_counts_add_up_when_done_skipped_and_failed_inputs_mix(ray_session, weights, tmp_path, capfd):
+def test_a_rerun_exits_as_the_first_run_did_and_counts_add_up_when_done_skipped_and_failed_inputs_mix(
+        ray_session, weights, tmp_path, capfd):
     write_images(str(tmp_path / "in"), 8, corrupt=2)
     args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights", weights]
     assert run_job(args, capfd)[0] == 0
+    status, verdict, out = run_job(args, capfd)  # nothing left to do but the two bad files, which fail again
+    assert status == 0 and not verdict and "written 0, skipped 6, failed 2 of 8" in out, (verdict, out)
     for i in range(2, 8, 2):
         os.remove(tmp_path / f"out/img{i:03d}.png")
     status, verdict, out = run_job(args, capfd)

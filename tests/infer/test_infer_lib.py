@@ -15,6 +15,7 @@ from PIL import Image
 
 from basnet import storage
 from basnet.errors import ConfigError, JobFailed, UsageError
+from basnet.imaging import decode_image, render_output
 from basnet.infer.config import InferConfig
 from basnet.infer.inputs import InputSpec, discover_units, image_units, read_manifest, resolve_input
 from basnet.infer.listing import assign_outputs, list_batch, unit_rows
@@ -25,7 +26,7 @@ from basnet.infer.predictor import MaskPredictor
 from basnet.infer.stages import decode_batch, write_batch
 from basnet.model import BASNet
 from basnet.predict import predict_probabilities
-from basnet.transforms import decode_image, render_output, resize_image
+from basnet.transforms import resize_image
 
 from infer_collection import MAX_PIXELS, add_member, bad_files, encode, picture, valid_files, write_shard
 
@@ -116,9 +117,12 @@ def test_folder_listing_is_case_insensitive_and_leaves_out_the_output_folder(tmp
     spec = resolve_input(cfg)
     assert (spec.kind, spec.root) == ("folder", str(tmp_path))
     rows = folder_rows(spec, str(tmp_path / "masks"))
-    assert sorted(os.path.relpath(r["source"], tmp_path) for r in rows) == ["a/X.JPG", "b/y.Png", "c/s.tar"]
-    assert {r["output"] for r in rows} == {str(tmp_path / "masks/a/X.png"), str(tmp_path / "masks/b/y.png"),
-                                          str(tmp_path / "masks/c/s")}
+    inputs = [r for r in rows if r["status"] != "not_image"]
+    assert sorted(os.path.relpath(r["source"], tmp_path) for r in inputs) == ["a/X.JPG", "b/y.Png", "c/s.tar"]
+    assert {r["output"] for r in inputs} == {str(tmp_path / "masks/a/X.png"), str(tmp_path / "masks/b/y.png"),
+                                            str(tmp_path / "masks/c/s")}
+    # a file that is no image is a row of its own, counted by the job and never masked
+    assert [(os.path.relpath(r["source"], tmp_path), r["kind"]) for r in rows if r not in inputs] == [("notes.txt", "")]
 
 
 def test_folder_units_split_the_tree_and_give_the_same_rows_as_one_walk(tmp_path):
@@ -371,22 +375,26 @@ def test_run_monitor_stops_at_ten_refused_reads_in_a_row_but_not_at_bad_images()
     assert is_systemic("cannot list: AWS Error NO_SUCH_BUCKET during ListObjectsV2 operation: NoSuchBucket")
 
 
-def test_run_monitor_checks_the_failed_share_from_100_tried_and_at_the_end():
+def test_run_monitor_checks_the_failed_share_from_100_tried_and_at_the_end_counting_skipped_inputs_as_done():
     monitor = RunMonitor(max_failed_fraction=0.5)
-    monitor.add(*monitor_batch(*[("failed", "cannot decode: x")] * 60, *[("skipped", "")] * 500))
+    monitor.add(*monitor_batch(*[("failed", "cannot decode: x")] * 60))
     monitor.add(*monitor_batch(*[("written", "")] * 39))  # 60 of 99 tried: not checked yet
-    with pytest.raises(JobFailed, match=r"stopped early: 60 of 100 inputs tried failed \(60%\), above "
+    with pytest.raises(JobFailed, match=r"stopped early: 60 of 100 inputs failed \(60%\), above "
                                         r"--max-failed-fraction 0.5 \(first error: cannot decode: x\)"):
         monitor.add(*monitor_batch(("written", "")))
+    rerun = RunMonitor(max_failed_fraction=0.5)  # the same failures in a collection mostly done before
+    rerun.add(*monitor_batch(*[("skipped", "")] * 500, *[("failed", "cannot decode: x")] * 60))
+    rerun.add(*monitor_batch(*[("written", "")] * 40))
+    rerun.finish()  # 60 of 600: the collection's share, not this run's
     small = RunMonitor(max_failed_fraction=0.5)
-    small.add(*monitor_batch(*[("failed", "e")] * 3, *[("written", "")] * 2))
-    with pytest.raises(JobFailed, match="^3 of 5 inputs tried failed"):
+    small.add(*monitor_batch(*[("failed", "e")] * 3, *[("written", "")] * 1, ("skipped", "")))
+    with pytest.raises(JobFailed, match=r"^3 of 5 inputs failed \(1 done before\)"):
         small.finish()
-    lenient = RunMonitor(max_failed_fraction=1.0)
-    lenient.add(*monitor_batch(("failed", "e"), ("written", "")))
-    lenient.finish()
+    done_before = RunMonitor(max_failed_fraction=0.5)  # a re-run: nothing left to write, the bad file fails again
+    done_before.add(*monitor_batch(("failed", "e"), ("skipped", ""), ("skipped", "")))
+    done_before.finish()
     nothing = RunMonitor(max_failed_fraction=1.0)
-    nothing.add(*monitor_batch(("failed", "e"), ("skipped", "")))
-    with pytest.raises(JobFailed, match="wrote no mask: all 1 inputs tried failed"):
+    nothing.add(*monitor_batch(("failed", "e"), ("failed", "e")))
+    with pytest.raises(JobFailed, match="wrote no mask: all 2 inputs tried failed"):
         nothing.finish()
-    assert nothing.counts == {"written": 0, "skipped": 1, "failed": 1}
+    assert nothing.counts == {"written": 0, "skipped": 0, "failed": 2}

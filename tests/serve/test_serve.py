@@ -22,13 +22,13 @@ import pytest
 from PIL import Image
 
 from basnet.client import MaskingError, mask
+from basnet.imaging import FORMATS
 from basnet.infer.config import InferConfig
 from basnet.infer.ray_pipeline import run_inference
 from basnet.ray_init import free_port
 from basnet.serve.config import ServeConfig
-from basnet.transforms import FORMATS
 
-from infer_collection import encode, exif_rotated_jpeg, picture
+from infer_collection import encode, picture, rotated
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 64
@@ -108,7 +108,7 @@ def held_out(sample_root, tmp_path_factory) -> dict[str, bytes]:
     """The sample's held-out images plus an EXIF-rotated JPEG, as files and bytes."""
     folder = Path(sample_root) / "DUTS-TE" / "DUTS-TE-Image"
     files = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-    files["exif.jpg"] = exif_rotated_jpeg(24, 40, 5)
+    files["exif.jpg"] = rotated(24, 40, 5, "JPEG")
     root = tmp_path_factory.mktemp("held_out")
     for name, data in files.items():
         (root / name).write_bytes(data)

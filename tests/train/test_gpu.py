@@ -76,12 +76,13 @@ def test_two_workers_sharing_one_gpu_end_with_identical_replicas(ray_session, tm
 
 
 def test_bf16_masks_of_the_gpu_actor_are_within_one_grey_level_of_fp32_cpu_masks(ray_session, tmp_path, sample_root):
+    from basnet.imaging import decode_image, decode_mask, render_output
     from basnet.infer.config import InferConfig
     from basnet.infer.manifest import read_run_manifest
     from basnet.infer.predictor import MaskPredictor
     from basnet.infer.ray_pipeline import run_inference
     from basnet.model import BASNet
-    from basnet.transforms import decode_image, decode_mask, render_output, resize_image
+    from basnet.transforms import resize_image
 
     torch.manual_seed(0)
     weights = str(tmp_path / "basnet.pth")

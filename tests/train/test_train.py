@@ -19,12 +19,13 @@ from basnet.checkpoint import checkpoint_config, load_model
 from basnet.config import parse_config
 from basnet.data.discovery import discover
 from basnet.errors import ConfigError
+from basnet.imaging import decode_image, decode_mask
 from basnet.loss import HybridLoss
 from basnet.model import BASNet
 from basnet.train.config import TrainConfig
 from basnet.train.curves import CURVES_FILE, CURVES_SIZE, read_history
 from basnet.train.engine import train_step
-from basnet.transforms import decode_image, decode_mask, resize_image, resize_mask
+from basnet.transforms import resize_image, resize_mask
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -96,8 +97,8 @@ def test_train_help_documents_every_option():
 
 def sample_masks(sample_root: str, weights_state: dict, **options) -> list[np.ndarray]:
     """8-bit masks of the sample's held-out images at 32 px, through the bulk-masking predictor."""
+    from basnet.imaging import render_output
     from basnet.infer.predictor import MaskPredictor
-    from basnet.transforms import render_output
 
     predictor = MaskPredictor(weights_state, device=torch.device("cpu"), image_size=32, **options)
     masks = []

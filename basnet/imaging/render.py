@@ -1,0 +1,73 @@
+"""Rendering a saliency map at the image's full size: a mask, a binary mask or an RGBA cut-out.
+
+The test protocol's last step takes the model's S x S map back to the original size bilinearly.
+Here the map is quantised to 8 bits at S x S and the upsampling runs on 8-bit pixels (Pillow's
+fixed-point bilinear filter): no float32 copy of a 12 or 100 MP image is ever made, and the grey
+levels stay within one of the float path's (measured in docs/infer.md, "Full-resolution photos").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from basnet.imaging.decode import ImageDecodeError, decode_rgb
+from basnet.imaging.encode import encode
+
+__all__ = ["FORMATS", "to_grey", "upsample", "render_output"]
+
+FORMATS = ("mask", "binary", "rgba")  # what a saliency map is rendered as
+
+
+def to_grey(prob: np.ndarray) -> np.ndarray:
+    """[0, 1] floats to 8-bit grey levels, rounded to nearest."""
+    return np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
+
+
+def upsample(prob: np.ndarray, height: int, width: int) -> Image.Image:
+    """The map as an 8-bit grey image of ``height`` x ``width``: quantised first, then bilinear."""
+    grey = Image.fromarray(to_grey(np.asarray(prob, np.float32)))
+    return grey if grey.size == (width, height) else grey.resize((width, height), Image.Resampling.BILINEAR)
+
+
+def _threshold(mask: Image.Image, threshold: float) -> Image.Image:
+    """0 or 255 where the grey level is below or at least ``threshold`` x 255."""
+    cut = threshold * 255.0
+    return mask.point([255 if level >= cut else 0 for level in range(256)])
+
+
+def _cutout(mask: Image.Image, source: bytes, max_pixels: int | None) -> Image.Image:
+    """The source image at full size, oriented, with ``mask`` as its alpha channel."""
+    image = decode_rgb(source, max_pixels=max_pixels)
+    if image.size != mask.size:
+        raise ImageDecodeError(f"image decoded as {image.height} x {image.width}, expected {mask.height} x "
+                               f"{mask.width}")
+    image.putalpha(mask)
+    return image
+
+
+def render_output(prob: np.ndarray, height: int, width: int, *, fmt: str, threshold: float = 0.5,
+                  source: bytes = b"", encoding: str = "png", max_pixels: int | None = None) -> bytes:
+    """The output file for one saliency map, at the image's original size (the protocol's last step).
+
+    Args:
+        prob: float (S, S) saliency in [0, 1] (sigmoid of the refined output, min-max normalised).
+        height, width: The original image's size (after EXIF orientation).
+        fmt: ``mask`` (8-bit soft), ``binary`` (0 or 255 at ``threshold``) or ``rgba`` (the decoded
+            image with the soft mask as alpha; needs ``source``, the image's bytes).
+        threshold: Saliency threshold of ``binary``.
+        source: The image's encoded bytes, for ``rgba``.
+        encoding: ``basnet.imaging.encode.ENCODINGS`` (lossless; ``webp`` for cut-outs).
+        max_pixels: The pixel limit the source was decoded under.
+
+    Returns:
+        The encoded file's bytes.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}")
+    mask = upsample(prob, height, width)
+    if fmt == "binary":
+        return encode(_threshold(mask, threshold), encoding)
+    if fmt == "mask":
+        return encode(mask, encoding)
+    return encode(_cutout(mask, source, max_pixels), encoding)
