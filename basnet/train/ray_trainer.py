@@ -188,14 +188,17 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         return gather_metrics(validate(state.module, batches, device=device, precision=state.precision,
                                        memory_format=state.memory_format))
 
+    def global_step(epoch: int, step: int) -> int:
+        return (epoch - 1) * steps + step if steps else epoch * 1_000_000 + step
+
     tracker = open_tracker(cfg.tracking or "none", run_uri=_run_uri() if rank == 0 else "", name=cfg.name, rank=rank,
-                           tracking_uri=loop_config.get("mlflow_uri"))
+                           tracking_uri=loop_config.get("mlflow_uri"),
+                           resume_step=global_step(state.epoch + 1, 1) if state.epoch else None)
     tracker.config(cfg.to_dict())
 
     def on_log(log: StepLog) -> None:
         _print(log.line())
-        step = (log.epoch - 1) * steps + log.step if steps else log.epoch * 1_000_000 + log.step
-        tracker.step(step, log.loss, _lr(state))
+        tracker.step(global_step(log.epoch, log.step), log.loss, _lr(state))
 
     if state.epoch == 0:  # the untrained model's score, the baseline every later epoch is judged by
         _report(cfg, epoch_metrics(0, None, val_metrics(), device), state, tracker, with_checkpoint=False)

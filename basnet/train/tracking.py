@@ -76,12 +76,14 @@ def _finite(metrics: dict) -> dict[str, float]:
 
 
 class TensorBoardTracker(Tracker):
-    def __init__(self, run_uri: str) -> None:
+    def __init__(self, run_uri: str, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.remote = storage.join(run_uri, TENSORBOARD_DIR) if storage.is_s3(run_uri) else None
         self.local = tempfile.mkdtemp(prefix="basnet-tb-") if self.remote else storage.join(run_uri, TENSORBOARD_DIR)
-        self.writer = SummaryWriter(self.local)  # a new event file per process: TensorBoard reads them all
+        # A new event file per process: TensorBoard reads them all. A resumed run logs again the steps
+        # after its checkpoint; purge_step hides the earlier run's events from that step on.
+        self.writer = SummaryWriter(self.local, purge_step=purge_step)
 
     def config(self, config: dict) -> None:
         text = "\n".join(f"    {k}: {v}" for k, v in config.items())  # indented: TensorBoard renders markdown
@@ -157,12 +159,14 @@ class MLflowTracker(Tracker):
         self.mlflow.end_run()
 
 
-def open_tracker(kind: str, *, run_uri: str, name: str, rank: int, tracking_uri: str | None = None) -> Tracker:
-    """The run's tracker on rank 0 (a do-nothing one elsewhere and for ``none``)."""
+def open_tracker(kind: str, *, run_uri: str, name: str, rank: int, tracking_uri: str | None = None,
+                 resume_step: int | None = None) -> Tracker:
+    """The run's tracker on rank 0 (a do-nothing one elsewhere and for ``none``); ``resume_step``, the
+    first step a resumed run logs, replaces what an earlier run logged from there on."""
     if rank != 0 or kind == "none":
         return Tracker()
     if kind == "tensorboard":
-        return TensorBoardTracker(run_uri)
+        return TensorBoardTracker(run_uri, purge_step=resume_step)
     if kind == "mlflow":
         return MLflowTracker(run_uri, name, tracking_uri or mlflow_uri())
     raise ConfigError(f"--tracking {kind!r} is not one of {', '.join(TRACKERS)}")

@@ -93,7 +93,7 @@ def test_fp16_export_agrees_to_1e2_and_all_outputs_gives_eight_maps(weights, tmp
     model = load_model(weights)
     fp16 = str(tmp_path / "fp16.onnx")
     export_onnx(model, fp16, image_size=SIZE, fp16=True)  # a half copy: model stays the fp32 reference
-    rows = check_onnx(model, fp16, sizes=[64, 96], batches=(1, 3))
+    rows = check_onnx(model, fp16, sizes=[64], batches=(2,))  # dynamic shapes: the fp32 test shows them
     assert max(r.max_diff for r in rows) <= FP16_TOLERANCE, rows
     assert max(r.max_diff for r in rows) > 1e-6  # it really computes in half precision
     assert Path(fp16).stat().st_size < 0.6 * 4 * sum(p.numel() for p in model.parameters())

@@ -122,27 +122,37 @@ def worker_lines_until(capfd, line: str, timeout_s: float = 120) -> str:
 
 
 @pytest.mark.ray
-def test_bf16_training_checkpoints_every_epoch_resumes_and_masks_like_fp32(ray_session, tmp_path, sample_root, capfd):
-    from basnet.train.ray_trainer import fit
+def test_bf16_training_checkpoints_every_epoch_stops_in_one_line_when_validation_stalls_resumes_and_masks_like_fp32(
+        ray_session, tmp_path, sample_root, capfd, monkeypatch):
+    from basnet.errors import JobFailed
+    from basnet.train import ray_trainer
 
-    out = fit(tiny_config(tmp_path, sample_root, epochs=2, precision="bf16", tracking="tensorboard", log_every=1))
+    run = dict(precision="bf16", tracking="tensorboard", log_every=1)
+    monkeypatch.setattr(ray_trainer, "validation_dataset", functools.partial(
+        stalling_validation, count=str(tmp_path / "passes"), deliver=2))  # epochs 0 and 1 validate; 2's read hangs
+    start = time.monotonic()
+    with pytest.raises(JobFailed) as info:
+        ray_trainer.fit(tiny_config(tmp_path, sample_root, epochs=2, stall_timeout=15, **run))
+    message = str(info.value)
+    print(f"stalled run failed after {time.monotonic() - start:.0f} s: {message}")
+    assert "\n" not in message and message.startswith("the validation stream delivered nothing for 1")
+    assert "(--stall-timeout 15)" in message and "cluster free " in message and "dataset val_" in message
     run_dir = tmp_path / "runs" / "t"
-    assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0001", "epoch_0002"]
-    assert out.best_checkpoint and out.best_checkpoint.startswith(str(run_dir))
-    model = load_model(out.best_checkpoint)
-    assert isinstance(model, BASNet)
-    assert checkpoint_config(out.best_checkpoint)["image_size"] == 32
-    printed = worker_lines_until(capfd, "epoch   2  train loss")
-    assert "epoch   0" in printed and "epoch   2" in printed and "best checkpoint:" in printed
+    assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0001"]  # every epoch before the stall
+    assert isinstance(load_model(str(run_dir / "epoch_0001")), BASNet)
+    assert checkpoint_config(str(run_dir / "epoch_0001"))["image_size"] == 32
+    printed = worker_lines_until(capfd, "epoch   1  train loss")
+    assert "epoch   0" in printed and "epoch   1" in printed
 
-    # Same name, one more epoch: only epoch 3 runs, starting from epoch 2's checkpoint.
-    again = fit(tiny_config(tmp_path, sample_root, epochs=3, precision="bf16", tracking="tensorboard", log_every=1))
-    printed = worker_lines_until(capfd, "epoch   3  train loss")
-    assert "epoch   3" in printed and "epoch   1 " not in printed and "epoch   0" not in printed
-    assert again.epochs_run == 3
+    # The data is back. The same command again: epoch 2 runs, from epoch 1's checkpoint.
+    monkeypatch.undo()
+    again = ray_trainer.fit(tiny_config(tmp_path, sample_root, epochs=2, **run))
+    printed = worker_lines_until(capfd, "epoch   2  train loss")
+    assert "epoch   1 " not in printed and "epoch   0" not in printed
+    assert again.epochs_run == 2 and again.best_checkpoint.startswith(str(run_dir))
     # The resumed run continued the first one's history: one row per epoch, the untrained 0 included.
     history = read_history(str(run_dir))
-    assert [r["epoch"] for r in history] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in history] == [0, 1, 2]
     assert history[0]["train_loss"] is None and all(r["train_loss"] > 0 for r in history[1:])
     assert all(0 <= r["val_mae"] <= 1 for r in history)
     assert Image.open(run_dir / CURVES_FILE).size == CURVES_SIZE
@@ -153,16 +163,16 @@ def test_bf16_training_checkpoints_every_epoch_resumes_and_masks_like_fp32(ray_s
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
     epochs = {e.step: e.value for e in events.Scalars("epoch/val_mae")}
     assert epochs == pytest.approx({r["epoch"]: r["val_mae"] for r in history})
-    assert [e.step for e in events.Scalars("epoch/train_loss")] == [1, 2, 3]  # epoch 0 trained nothing
-    assert [e.value for e in events.Scalars("epoch/lr")] == pytest.approx([1e-3] * 4)
+    assert [e.step for e in events.Scalars("epoch/train_loss")] == [1, 2]  # epoch 0 trained nothing
+    assert [e.value for e in events.Scalars("epoch/lr")] == pytest.approx([1e-3] * 3)
     steps = [e.step for e in events.Scalars("step/loss")]
-    assert len(steps) == len(set(steps)) >= 3 and steps == sorted(steps)  # every step, across the resume
+    # every step, across the resume: epoch 2's steps, logged again by the resumed run, replace the stalled run's
+    assert len(steps) == len(set(steps)) >= 3 and steps == sorted(steps)
     # the resolved config, logged by each of the two processes
     configs = [e.tensor_proto.string_val[0].decode()
                for e in sorted(events.Tensors("config/text_summary"), key=lambda e: e.wall_time)]
     assert len(configs) == 2 and all("precision: bf16" in c and "image_size: 32" in c for c in configs)
-    assert "epochs: 2" in configs[0] and "epochs: 3" in configs[1]
-    assert (run_dir / "epoch_0003" / "model.pt").exists()
+    assert (run_dir / "epoch_0002" / "model.pt").exists()
 
     # The bf16-trained weights mask in bf16 within 1 grey level (on average) of fp32.
     state = load_model(again.best_checkpoint).state_dict()
@@ -183,28 +193,10 @@ def test_compiled_masking_equals_eager_masking_within_one_grey_level(sample_root
 
 
 @pytest.mark.ray
-def test_two_workers_stream_from_s3_checkpoint_to_s3_and_end_with_identical_parameters(
-        ray_session, s3_bucket, sample_root, tmp_path):
-    # One run shows both: S3 data and checkpoints, and two workers (0.5 CPU each) in step.
-    from basnet.train.ray_trainer import fit
-
-    for uri in storage.list_files(sample_root):
-        storage.write_bytes(f"{s3_bucket}/duts/{storage.relative_to(uri, sample_root)}", storage.read_bytes(uri))
-    cfg = tiny_config(tmp_path, f"{s3_bucket}/duts", storage=f"{s3_bucket}/runs", epochs=1, num_workers=2,
-                      cpus_per_worker=0.5)
-    out = fit(cfg)
-    digests = out.loop_result["replica_digests"]
-    assert len(digests) == 2 and digests[0] == digests[1]
-    assert out.best_checkpoint == f"{s3_bucket}/runs/t/epoch_0001"
-    assert len(out.split.train) == 16 and out.split.val_source == "DUTS-TE"
-    model = load_model(out.best_checkpoint)
-    assert isinstance(model, BASNet)
-    assert checkpoint_config(out.best_checkpoint)["data"] == f"{s3_bucket}/duts"
-
-
-@pytest.mark.ray
-def test_mlflow_tracking_logs_config_steps_and_epochs_and_a_resumed_run_continues_it(ray_session, tmp_path,
-                                                                                    sample_root, monkeypatch):
+def test_two_workers_on_s3_end_identical_and_a_resumed_run_continues_its_mlflow_run(ray_session, s3_bucket, sample_root,
+                                                                                    tmp_path, monkeypatch):
+    # One run shows it all: S3 data and checkpoints, two workers (0.5 CPU each) in step, and MLflow
+    # logging from rank 0 that a resumed run continues.
     from mlflow.tracking import MlflowClient
 
     from basnet.train.ray_trainer import fit
@@ -212,17 +204,27 @@ def test_mlflow_tracking_logs_config_steps_and_epochs_and_a_resumed_run_continue
     store = f"file:{tmp_path / 'mlruns'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's file store, for reading back here
-    fit(tiny_config(tmp_path, sample_root, name="tracked", epochs=1, tracking="mlflow", log_every=1))
-    fit(tiny_config(tmp_path, sample_root, name="tracked", epochs=2, tracking="mlflow", log_every=1))
+    for uri in storage.list_files(sample_root):
+        storage.write_bytes(f"{s3_bucket}/duts/{storage.relative_to(uri, sample_root)}", storage.read_bytes(uri))
+    run = dict(storage=f"{s3_bucket}/runs", num_workers=2, cpus_per_worker=0.5, name="tracked", tracking="mlflow",
+               log_every=1)
+    out = fit(tiny_config(tmp_path, f"{s3_bucket}/duts", epochs=1, **run))
+    assert out.best_checkpoint == f"{s3_bucket}/runs/tracked/epoch_0001"
+    assert len(out.split.train) == 16 and out.split.val_source == "DUTS-TE"
+    assert isinstance(load_model(out.best_checkpoint), BASNet)
+    assert checkpoint_config(out.best_checkpoint)["data"] == f"{s3_bucket}/duts"
+    again = fit(tiny_config(tmp_path, f"{s3_bucket}/duts", epochs=2, **run))
+    digests = again.loop_result["replica_digests"]
+    assert again.epochs_run == 2 and len(digests) == 2 and digests[0] == digests[1]
     client = MlflowClient(store)
     (experiment,) = [e for e in client.search_experiments() if e.name == "basnet-ray"]
-    (run,) = client.search_runs([experiment.experiment_id])  # one MLflow run for the resumed training run
-    assert run.info.run_name == "tracked"
-    assert run.data.params["name"] == "tracked" and run.data.params["tracking"] == "mlflow"
-    history = read_history(str(tmp_path / "runs" / "tracked"))
-    val_mae = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epoch/val_mae")}
+    (tracked,) = client.search_runs([experiment.experiment_id])  # one MLflow run for the resumed training run
+    assert tracked.info.run_name == "tracked"
+    assert tracked.data.params["name"] == "tracked" and tracked.data.params["tracking"] == "mlflow"
+    history = read_history(f"{s3_bucket}/runs/tracked")
+    val_mae = {m.step: m.value for m in client.get_metric_history(tracked.info.run_id, "epoch/val_mae")}
     assert val_mae == pytest.approx({r["epoch"]: r["val_mae"] for r in history}) and sorted(val_mae) == [0, 1, 2]
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "step/loss")]
+    steps = [m.step for m in client.get_metric_history(tracked.info.run_id, "step/loss")]
     assert len(steps) >= 2 and len(set(steps)) == len(steps)
 
 
@@ -241,28 +243,3 @@ def stalling_validation(pairs, *, image_size: int, count: str, deliver: int):
         return load_batch(batch, size=image_size)
 
     return pairs_dataset(pairs).map_batches(read, batch_size=8, batch_format="numpy")
-
-
-@pytest.mark.ray
-def test_a_validation_stream_that_stops_fails_the_run_in_one_line_and_a_rerun_resumes_from_its_checkpoint(
-        ray_session, tmp_path, sample_root, monkeypatch):
-    from basnet.errors import JobFailed
-    from basnet.train import ray_trainer
-
-    count = str(tmp_path / "passes")
-    monkeypatch.setattr(ray_trainer, "validation_dataset", functools.partial(
-        stalling_validation, count=count, deliver=2))  # epoch 0 and 1 validate, epoch 2's read hangs
-    start = time.monotonic()
-    with pytest.raises(JobFailed) as info:
-        ray_trainer.fit(tiny_config(tmp_path, sample_root, epochs=2, stall_timeout=20, tracking="none"))
-    message = str(info.value)
-    print(f"stalled run failed after {time.monotonic() - start:.0f} s: {message}")
-    assert "\n" not in message and message.startswith("the validation stream delivered nothing for 2")
-    assert "(--stall-timeout 20)" in message and "cluster free " in message and "dataset val_" in message
-    run_dir = tmp_path / "runs" / "t"
-    assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0001"]
-    assert isinstance(load_model(str(run_dir / "epoch_0001")), BASNet)  # the checkpoint before the stall
-
-    monkeypatch.undo()  # the data is back: the same run resumes from epoch 1 and finishes epoch 2
-    out = ray_trainer.fit(tiny_config(tmp_path, sample_root, epochs=2, tracking="none"))
-    assert out.epochs_run == 2 and [r["epoch"] for r in read_history(str(run_dir))] == [0, 1, 2]
