@@ -121,9 +121,13 @@ def trace_side(image_size: int) -> int:
     return max(image_size, 64)
 
 
-def ort_session(model: str | bytes, *, threads: int | None = None):
-    """An ONNX Runtime CPU session of an exported file (a path) or its bytes; ``threads``: intra-op
-    threads (default: ONNX Runtime's, one per physical core)."""
+def ort_session(model: str | bytes | np.ndarray, *, threads: int | None = None):
+    """An ONNX Runtime CPU session of an exported file (a path), its bytes or a uint8 array of them;
+    ``threads``: intra-op threads (default: ONNX Runtime's, one per physical core).
+
+    An array (a replica's graph, in Ray's object store) goes to ONNX Runtime through a temporary
+    file: its Python API takes a path or ``bytes``, and ``bytes`` would be one more copy of the model.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -131,6 +135,11 @@ def ort_session(model: str | bytes, *, threads: int | None = None):
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if isinstance(model, np.ndarray):
+        with tempfile.NamedTemporaryFile(prefix="basnet-", suffix=".onnx") as f:
+            f.write(memoryview(model))
+            f.flush()
+            return ort.InferenceSession(f.name, options, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 

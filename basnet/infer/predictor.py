@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -25,11 +26,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["MaskPredictor", "ModelError", "is_out_of_memory", "load_weights"]
 
 
-def load_weights(uri: str, image_size: int | None, runtime: str) -> tuple[dict[str, torch.Tensor] | bytes, int]:
+def load_weights(uri: str, image_size: int | None, runtime: str) -> tuple[dict[str, np.ndarray] | np.ndarray, int]:
     """What the replicas load, and the side masks are predicted at (``image_size``, else the
-    checkpoint's training size, or the side an export's metadata names): the state dict for
-    ``torch``; for ``onnxruntime`` an ONNX graph, the file's bytes for a ``.onnx`` (no export), else
-    the checkpoint exported here (batch, height and width stay dynamic).
+    checkpoint's training size, or the side an export's metadata names): the state dict, as NumPy
+    arrays, for ``torch``; for ``onnxruntime`` an ONNX graph as a uint8 array, the file's bytes for a ``.onnx``
+    (no export), else the checkpoint exported here (batch, height and width stay dynamic).
 
     Raises:
         CheckpointError, UsageError: Weights that cannot be loaded; a node without the onnx extra.
@@ -41,7 +42,9 @@ def load_weights(uri: str, image_size: int | None, runtime: str) -> tuple[dict[s
 
     if runtime != "onnxruntime":
         model, size = load_for_inference(uri, image_size)
-        return model.state_dict(), size
+        # NumPy arrays, not tensors: Ray writes them into the object store without a pickled copy,
+        # and a replica's model uses them there, in shared memory (see MaskPredictor).
+        return {k: v.numpy() for k, v in model.state_dict().items()}, size
     try:  # the replicas need onnxruntime (this node stands for theirs), an export onnxscript
         import onnx, onnxruntime  # noqa: E401, F401
 
@@ -53,7 +56,7 @@ def load_weights(uri: str, image_size: int | None, runtime: str) -> tuple[dict[s
                          f"on every node, or {torch_instead(uri)}") from None
     if not is_onnx(uri):
         model, size = load_for_inference(uri, image_size)
-        return onnx_bytes(model, image_size=size), size
+        return _array(onnx_bytes(model, image_size=size)), size
     try:
         graph = storage.read_bytes(uri)
     except (OSError, ValueError) as exc:
@@ -62,7 +65,21 @@ def load_weights(uri: str, image_size: int | None, runtime: str) -> tuple[dict[s
     if not (image_size or trained):
         raise UsageError(f"{uri} does not name the side it was trained at (no {SIZE_KEY} metadata: not written by "
                          "jobs/export.py): pass --image-size")
-    return graph, image_size or trained
+    return _array(graph), image_size or trained
+
+
+def _array(graph: bytes) -> np.ndarray:
+    """An ONNX graph as a uint8 array: a replica reads it in the object store's memory, where a
+    ``bytes`` would be copied out (350 MB more in every replica)."""
+    return np.frombuffer(graph, np.uint8)
+
+
+def _tensors(state: dict) -> dict[str, torch.Tensor]:
+    """Tensors sharing the memory of ``state``'s arrays. An array from the object store is
+    read-only: an eval-mode model never writes its weights, and a copy to a GPU leaves it behind."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
 
 
 class ModelError(RuntimeError):
@@ -81,7 +98,9 @@ class MaskPredictor:
     """Saliency maps at the model's size for a decoded batch; rows not pending pass through.
 
     Args:
-        state_dict: BASNet weights; with ``runtime="onnxruntime"``, the model exported to ONNX (bytes).
+        state_dict: BASNet weights, tensors or NumPy arrays (used in place: read-only arrays from Ray's
+            object store stay there, shared by the replicas of a node); with ``runtime="onnxruntime"``,
+            the model exported to ONNX (bytes).
         device: Where the model runs.
         precision: ``--precision`` (auto: bf16 on GPUs that support it, fp16 on older ones, fp32 on CPU).
         channels_last: ``--channels-last`` (None: on GPUs).
@@ -101,7 +120,7 @@ class MaskPredictor:
                 raise ValueError("the onnxruntime runtime runs on the CPU")
             from basnet.export.onnx_model import ort_session
 
-            self.session = ort_session(state_dict, threads=torch.get_num_threads())
+            self.session = ort_session(state_dict, threads=torch.get_num_threads())  # bytes, array or path
             self.input_name = self.session.get_inputs()[0].name
             return
         self.precision = resolve_precision(precision, device)
@@ -110,7 +129,7 @@ class MaskPredictor:
             torch.backends.cudnn.benchmark = True  # every batch has the same input size
         with torch.device("meta"):  # no random init of 87 M parameters that are overwritten next
             model = BASNet()
-        model.load_state_dict(state_dict, strict=True, assign=True)
+        model.load_state_dict(_tensors(state_dict), strict=True, assign=True)
         self.model = compile_model(model.to(device).eval().to(memory_format=self.memory_format), compile)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -123,8 +123,8 @@ def test_onnxruntime_runtime_masks_equal_the_torch_runs_within_one_grey_level(co
     summary = run_inference(config(root, str(tmp_path / "ort"), weights, runtime="onnxruntime"))
     assert (summary.written, summary.failed) == (local.written, local.failed)
     (graph_ref, _), = ray_pipeline._loaded.values()  # what the replicas were given: an ONNX graph
-    graph = ray.get(graph_ref)
-    assert isinstance(graph, bytes) and onnx.load_from_string(graph).graph.input[0].name == "image"
+    graph = ray.get(graph_ref)  # uint8, read in the object store's memory
+    assert graph.dtype == np.uint8 and onnx.load_from_string(graph.tobytes()).graph.input[0].name == "image"
     assert yaml.safe_load(storage.read_bytes(summary.config))["runtime"] == "onnxruntime"
     here, there = pngs(out), pngs(str(tmp_path / "ort"))
     assert here.keys() == there.keys()
@@ -140,7 +140,7 @@ def test_an_exported_onnx_file_as_weights_runs_on_onnxruntime_as_is_and_matches_
     summary = run_inference(config(root, str(tmp_path / "onnx"), path))  # no --runtime: the .onnx picks it
     assert (summary.written, summary.failed) == (local.written, local.failed)
     (graph_ref, _), = ray_pipeline._loaded.values()
-    assert ray.get(graph_ref) == storage.read_bytes(path)  # the file itself: nothing exported again
+    assert ray.get(graph_ref).tobytes() == storage.read_bytes(path)  # the file itself: nothing exported again
     saved = yaml.safe_load(storage.read_bytes(summary.config))
     assert (saved["runtime"], saved["image_size"]) == ("onnxruntime", SIZE)
     here, there = pngs(out), pngs(str(tmp_path / "onnx"))
