@@ -13,9 +13,11 @@ object with soft and hair-thin edges; JPEG quality 92) into ``--work`` and reuse
   and the cores one GPU at 1,000 images/s needs for the job's CPU stages; the same for an RGBA
   cut-out (PNG and lossless WebP against Pillow's default RGBA PNG).
 * **sensitivity** (``--weights``): masks of the reduced decode against the full decode on trained
-  weights, rendered at full size: mean and largest difference in grey levels.
-* **job** (``--weights``): ``jobs/infer.py`` on 12 MP photos against a plain single-process loop doing
-  the same work (decode, model, render, encode, write), wall seconds and images/s.
+  weights run at 256 px (the published weights' side), rendered at full size: mean and largest
+  difference in grey levels, for drafts that keep twice the side (the job's rule) and the side.
+* **job** (``--weights``): ``jobs/infer.py`` on 24 photos of 12 MP against a plain single-process loop
+  doing the same work (decode, model, render, encode, write): wall seconds and images/s, cold (start-up
+  included) and for a second run in the same process (Ray up, weights loaded).
 * **memory** (``--weights``): a 100 MP JPEG through ``jobs/infer.py`` with default options: the
   largest process of the job (the model replica included), sampled every 0.1 s.
 * **rembg** (``--weights``, ``.venv-rembg``): rembg's folder command and the job on the same photos
@@ -217,8 +219,8 @@ def predictor(weights: str, side: int | None = None):
 
 def sensitivity(work: str, weights: str) -> None:
     """Masks from reduced decoding against the full decode, on trained weights, at full size."""
-    model, size = predictor(weights)
-    print(f"\nreduced against full decoding, masks at full size on {weights} ({size} px): grey levels")
+    model, size = predictor(weights, SIDE)  # the deployed side: at a small training side every draft is 1/8
+    print(f"\nreduced against full decoding, masks at full size on {weights} at {size} px: grey levels")
     print("| MP | images | draft keeps | mean difference | largest | share of pixels differing |")
     print("|---:|---:|---|---:|---:|---:|")
     from basnet.imaging import decode as decode_module
@@ -309,15 +311,35 @@ def plain_loop(paths: list[str], weights: str, out: str) -> float:
     return time.perf_counter() - start
 
 
-def job_against_plain(work: str, weights: str, count: int = 12) -> None:
+WARM_RUN = """
+import sys, time
+from basnet.infer.config import InferConfig
+from basnet.infer.ray_pipeline import run_inference
+images, out, weights = sys.argv[1:4]
+run_inference(InferConfig(input=images, output=out, weights=weights))  # starts Ray, loads the weights
+start = time.perf_counter()
+summary = run_inference(InferConfig(input=images, output=out, weights=weights, overwrite=True))
+print(f"{time.perf_counter() - start:.2f} {summary.written}")
+"""
+
+
+def job_against_plain(work: str, weights: str, count: int = 24) -> None:
     paths = photos(work, 12, count)
     with tempfile.TemporaryDirectory() as out:
         plain_s = plain_loop(paths, weights, out)
-    with tempfile.TemporaryDirectory() as out:
-        job_s, peak, name, _ = timed(infer_cmd(os.path.dirname(paths[0]), out, weights))
-    print(f"\n{count} photos of 12 MP, {weights}: plain loop {plain_s:.1f} s ({count / plain_s:.2f} img/s), "
-          f"jobs/infer.py {job_s:.1f} s cold, start-up included ({count / job_s:.2f} img/s): "
-          f"{plain_s / job_s:.2f}x the plain loop; largest process {peak:.2f} GB ({name})")
+    with tempfile.TemporaryDirectory() as images:
+        for p in paths:  # exactly these photos (the folder may hold more from other sections)
+            os.symlink(p, os.path.join(images, os.path.basename(p)))
+        with tempfile.TemporaryDirectory() as out:
+            job_s, peak, name, _ = timed(infer_cmd(images, out, weights))
+        with tempfile.TemporaryDirectory() as out:
+            _, _, _, proc = timed([sys.executable, "-c", WARM_RUN, images, out, weights])
+            warm_s = float(proc.stdout.split()[-2])
+    print(f"\n{count} photos of 12 MP, {weights}: plain loop {plain_s:.1f} s ({count / plain_s:.2f} img/s); "
+          f"jobs/infer.py cold {job_s:.1f} s, start-up included ({count / job_s:.2f} img/s, "
+          f"{plain_s / job_s:.2f}x the plain loop), largest process {peak:.2f} GB ({name}); a second run in the "
+          f"same process (Ray up, weights loaded) {warm_s:.1f} s ({count / warm_s:.2f} img/s, "
+          f"{plain_s / warm_s:.2f}x the plain loop)")
 
 
 def memory_100mp(work: str, weights: str) -> None:

@@ -14,7 +14,7 @@ masks in grey levels, split over the three places where the two pipelines differ
               (the same whenever the resized image reaches 255; otherwise rembg brightens it first);
 - resize in:  rembg resizes to 320 x 320 with LANCZOS, this project bilinearly (antialiased);
 - resize out: rembg truncates the min-max map to 8 bits and resizes that back with LANCZOS; this
-              project resizes the float map bilinearly and rounds.
+              project rounds it to 8 bits and resizes that bilinearly (Pillow's 8-bit path).
 
 The split comes from replaying rembg's steps on the export with ONNX Runtime and swapping them for
 this project's one at a time. Two columns close the account (largest difference, grey levels):
