@@ -15,7 +15,6 @@ import contextlib
 import io
 import logging
 import os
-import pickle
 import tempfile
 from typing import Any
 
@@ -271,21 +270,24 @@ def _torch_load(uri: str, map_location: Any) -> Any:
     try:
         with _local_file(uri) as path:
             try:
-                return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-            except RuntimeError as error:
-                if "mmap" not in str(error):
-                    raise
-                return torch.load(path, map_location=map_location, weights_only=True)
+                return _mapped_load(path, map_location)
+            except Exception as error:  # torch.load raises several types for non-torch bytes
+                raise CheckpointError(f"{uri} is not a readable torch file ({hint}): {first_line(error)}") from None
+    except CheckpointError:
+        raise
     except (FileNotFoundError, IsADirectoryError):
         raise CheckpointError(f"checkpoint not found: {uri} ({hint})") from None
     except (OSError, ValueError) as error:
-        if isinstance(error, pickle.UnpicklingError):
-            raise CheckpointError(f"{uri} is not a readable torch file ({hint}): {first_line(error)}") from None
         raise CheckpointError(f"cannot read checkpoint {uri}: {first_line(error)}") from None
-    except Exception as error:  # torch.load raises several types for non-torch bytes
-        raise CheckpointError(
-            f"{uri} is not a readable torch file ({hint}): {first_line(error)}"
-        ) from None
+
+
+def _mapped_load(path: str, map_location: Any) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _to_cpu(value: Any) -> Any:
