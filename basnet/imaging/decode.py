@@ -209,11 +209,7 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> np.ndarray:
     Raises:
         ImageDecodeError: Empty, truncated, corrupt, non-image or oversized input.
     """
-    img = oriented(_load(open_image(data, max_pixels)))
-    gray = _gray_to_uint8(img)
-    if gray is not None:
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    return _as_array(_convert(img, "RGB"))
+    return _as_array(decode_rgb(data, max_pixels=max_pixels))
 
 
 def decode_mask(data: bytes, *, max_pixels: int | None = None) -> np.ndarray:

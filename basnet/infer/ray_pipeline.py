@@ -344,7 +344,7 @@ def execute(plan: InferPlan) -> InferSummary:
     health = _ModelHealth.remote()
     try:
         with _block_size(cfg), contextlib.closing(watched_dataset(
-                build_dataset(plan, units, state_ref, health), "masking", cfg.stall_timeout)) as batches:
+                build_dataset(plan, units, state_ref, health), DATASET_NAME, cfg.stall_timeout)) as batches:
             for batch in batches:
                 batch = without_not_images(batch, not_images)
                 writer.add(batch)
