@@ -1,9 +1,11 @@
 """Rendering a saliency map at the image's full size: a mask, a binary mask or an RGBA cut-out.
 
-The test protocol's last step takes the model's S x S map back to the original size bilinearly.
-Here the map is quantised to 8 bits at S x S and the upsampling runs on 8-bit pixels (Pillow's
-fixed-point bilinear filter): no float32 copy of a 12 or 100 MP image is ever made, and the grey
-levels stay within one of the float path's (measured in docs/infer.md, "Full-resolution photos").
+The test protocol's last step takes the model's S x S map back to the original size bilinearly, in
+floats, and quantises it. Images up to ``EXACT_MAX_PIXELS`` (every image of the standard benchmarks,
+so evaluation figures stay the protocol's) take exactly that path; its float32 copy is at most 2 MB.
+Larger photos are quantised to 8 bits at S x S and upsampled on 8-bit pixels (Pillow's fixed-point
+bilinear filter): no float32 copy of a 12 or 100 MP image is ever made, and the grey levels stay
+within one of the float path's (measured in docs/infer.md, "Full-resolution photos").
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from PIL import Image
 
 from basnet.imaging.decode import ImageDecodeError, decode_rgb
 from basnet.imaging.encode import encode
+from basnet.transforms import resize_mask
 
-__all__ = ["FORMATS", "to_grey", "upsample", "render_output"]
+__all__ = ["EXACT_MAX_PIXELS", "FORMATS", "to_grey", "upsample", "render_output"]
 
 FORMATS = ("mask", "binary", "rgba")  # what a saliency map is rendered as
+EXACT_MAX_PIXELS = 512 * 1024  # up to here the float path; benchmark images are at most 0.2 MP
 
 
 def to_grey(prob: np.ndarray) -> np.ndarray:
@@ -24,16 +28,25 @@ def to_grey(prob: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
 
 
-def upsample(prob: np.ndarray, height: int, width: int) -> Image.Image:
-    """The map as an 8-bit grey image of ``height`` x ``width``: quantised first, then bilinear."""
-    grey = Image.fromarray(to_grey(np.asarray(prob, np.float32)))
-    return grey if grey.size == (width, height) else grey.resize((width, height), Image.Resampling.BILINEAR)
+def upsample(prob: np.ndarray, height: int, width: int, threshold: float | None = None) -> Image.Image:
+    """The map as an 8-bit grey image of ``height`` x ``width``, or with ``threshold`` as 0 or 255
+    where the map is below or at least ``threshold``.
 
-
-def _threshold(mask: Image.Image, threshold: float) -> Image.Image:
-    """0 or 255 where the grey level is below or at least ``threshold`` x 255."""
+    Up to ``EXACT_MAX_PIXELS`` bilinear in floats, then quantised (the protocol exactly); above it
+    quantised first, then bilinear on 8 bits."""
+    prob = np.asarray(prob, np.float32)
+    if height * width <= EXACT_MAX_PIXELS:
+        full = prob if prob.shape == (height, width) else resize_mask(prob, (height, width))
+        if threshold is not None:
+            return Image.fromarray(np.where(full >= threshold, 255, 0).astype(np.uint8))
+        return Image.fromarray(to_grey(full))
+    grey = Image.fromarray(to_grey(prob))
+    if grey.size != (width, height):
+        grey = grey.resize((width, height), Image.Resampling.BILINEAR)
+    if threshold is None:
+        return grey
     cut = threshold * 255.0
-    return mask.point([255 if level >= cut else 0 for level in range(256)])
+    return grey.point([255 if level >= cut else 0 for level in range(256)])
 
 
 def _cutout(mask: Image.Image, source: bytes, max_pixels: int | None) -> Image.Image:
@@ -65,9 +78,9 @@ def render_output(prob: np.ndarray, height: int, width: int, *, fmt: str, thresh
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}")
-    mask = upsample(prob, height, width)
     if fmt == "binary":
-        return encode(_threshold(mask, threshold), encoding)
+        return encode(upsample(prob, height, width, threshold), encoding)
+    mask = upsample(prob, height, width)
     if fmt == "mask":
         return encode(mask, encoding)
     return encode(_cutout(mask, source, max_pixels), encoding)

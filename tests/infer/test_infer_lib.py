@@ -16,6 +16,7 @@ from PIL import Image
 from basnet import storage
 from basnet.errors import ConfigError, JobFailed, UsageError
 from basnet.imaging import decode_image, render_output
+from basnet.imaging.render import EXACT_MAX_PIXELS
 from basnet.infer.config import InferConfig
 from basnet.infer.inputs import InputSpec, discover_units, image_units, read_manifest, resolve_input
 from basnet.infer.listing import assign_outputs, list_batch, unit_rows
@@ -26,7 +27,7 @@ from basnet.infer.predictor import MaskPredictor
 from basnet.infer.stages import decode_batch, write_batch
 from basnet.model import BASNet
 from basnet.predict import predict_probabilities
-from basnet.transforms import resize_image
+from basnet.transforms import resize_image, resize_mask
 
 from infer_collection import MAX_PIXELS, add_member, bad_files, encode, picture, valid_files, write_shard
 
@@ -251,6 +252,21 @@ def test_render_output_gives_each_format_at_the_original_size():
     assert np.array_equal(binary == 255, mask >= 128)
     assert np.array_equal(np.asarray(rgba)[..., 3], mask)
     assert np.array_equal(np.asarray(rgba)[..., :3], decode_image(source))
+
+
+def test_render_is_the_float_protocol_up_to_benchmark_sizes_and_within_one_grey_level_above():
+    prob = np.random.default_rng(0).random((32, 32), dtype=np.float32)
+    for height, width in ((40, 50), (600, 900)):  # 0.5 MP is EXACT_MAX_PIXELS: below it, and above it
+        assert (height * width <= EXACT_MAX_PIXELS) == (height == 40)
+        full = resize_mask(prob, (height, width))
+        mask = np.asarray(Image.open(io.BytesIO(render_output(prob, height, width, fmt="mask"))), np.int16)
+        binary = np.asarray(Image.open(io.BytesIO(render_output(prob, height, width, fmt="binary"))))
+        exact = np.clip(np.rint(full * 255.0), 0, 255)
+        if height == 40:
+            assert np.array_equal(mask, exact) and np.array_equal(binary == 255, full >= 0.5)
+        else:
+            assert np.abs(mask - exact).max() == 1  # the 8-bit path: off by one at most, and somewhere
+            assert np.array_equal(binary == 255, mask >= 128)
 
 
 def stage_columns(n: int) -> dict[str, np.ndarray]:
