@@ -39,9 +39,12 @@ def test_rembg_masks_with_the_export_as_is_and_every_grey_level_from_ours_is_acc
     compare = _compare_module()
     model_path, _ = exported
     home = str(Path(model_path).parent)  # rembg takes a custom model only from under its home
-    images = str(tmp_path / "images")  # four of the held-out images: each costs three passes at 320 px
+    # Two of the held-out images, one whose brightest value is below 255 (where rembg's normalisation
+    # step changes the mask) and one at 255: each costs up to three passes at 320 px.
+    images = str(tmp_path / "images")
     os.makedirs(images)
-    for path in sorted(Path(sample_root, "DUTS-TE", "DUTS-TE-Image").iterdir())[:4]:
+    held_out = sorted(Path(sample_root, "DUTS-TE", "DUTS-TE-Image").iterdir())
+    for path in (held_out[0], held_out[2]):
         shutil.copy(path, images)
     files = sorted(Path(images).iterdir())
 
