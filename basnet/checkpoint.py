@@ -87,13 +87,15 @@ def save_checkpoint(
     return directory
 
 
-def load_checkpoint(source: str, *, map_location: Any = "cpu") -> dict[str, Any]:
+def load_checkpoint(source: str, *, map_location: Any = "cpu", whole: bool = False) -> dict[str, Any]:
     """Read a training checkpoint or a bare state dict.
 
     Args:
         source: A checkpoint directory (local or ``s3://``), the ``model.pt``
             inside one, or a state dict file such as the published ``basnet.pth``.
         map_location: Passed to ``torch.load``.
+        whole: Every tensor will be used (a resume): an S3 checkpoint is loaded from memory
+            instead of being mapped from a temporary file, which would only add a disk write.
 
     Returns:
         A dict with ``format``, ``model`` (state dict without wrapper prefixes),
@@ -104,7 +106,7 @@ def load_checkpoint(source: str, *, map_location: Any = "cpu") -> dict[str, Any]
         CheckpointError: The source is missing, not a torch file, or holds
             something other than a checkpoint or a state dict.
     """
-    obj = _torch_load(_model_file(source), map_location)
+    obj = _torch_load(_model_file(source), map_location, whole=whole)
     if isinstance(obj, dict) and "format" in obj:
         if obj["format"] != FORMAT:
             raise CheckpointError(
@@ -241,10 +243,11 @@ def _model_file(source: str) -> str:
 
 
 @contextlib.contextmanager
-def _local_file(uri: str):
+def _local_file(uri: str, *, whole: bool):
     """A local path holding ``uri``: the file itself, or an object downloaded to a temporary file,
-    deleted afterwards. The download is one read: ranged reads of 16 MB took 54 s for 1 GB from an
-    S3-compatible server (moto) that serves it in 2 s whole."""
+    deleted afterwards; with ``whole``, an S3 object's bytes in memory instead. The download is one
+    read: ranged reads of 16 MB took 54 s for 1 GB from an S3-compatible server (moto) that serves
+    it in 2 s whole."""
     _, path = storage.filesystem(uri)
     if not storage.is_s3(uri):
         if os.path.isdir(path):
@@ -253,22 +256,25 @@ def _local_file(uri: str):
             raise FileNotFoundError(path)
         yield path
         return
+    if whole:
+        yield io.BytesIO(storage.read_bytes(uri))
+        return
     with tempfile.NamedTemporaryFile(prefix="basnet-checkpoint-", suffix=".pt") as tmp:
         tmp.write(storage.read_bytes(uri))
         tmp.flush()
         yield tmp.name
 
 
-def _torch_load(uri: str, map_location: Any) -> Any:
+def _torch_load(uri: str, map_location: Any, *, whole: bool = False) -> Any:
     """``torch.load`` of a local or S3 file, errors as CheckpointError.
 
-    The file is memory-mapped (``mmap=True``): a tensor's pages are read when it is used, so taking
+    A file is memory-mapped (``mmap=True``): a tensor's pages are read when it is used, so taking
     the model out of a training checkpoint never reads its optimizer state (two thirds of its 1 GB).
     Files in torch's legacy format, which cannot be mapped, are read whole.
     """
     hint = "pass a training checkpoint directory or a basnet.pth file"
     try:
-        with _local_file(uri) as path:
+        with _local_file(uri, whole=whole) as path:
             try:
                 return _mapped_load(path, map_location)
             except Exception as error:  # torch.load raises several types for non-torch bytes
@@ -281,7 +287,9 @@ def _torch_load(uri: str, map_location: Any) -> Any:
         raise CheckpointError(f"cannot read checkpoint {uri}: {first_line(error)}") from None
 
 
-def _mapped_load(path: str, map_location: Any) -> Any:
+def _mapped_load(path: str | io.BytesIO, map_location: Any) -> Any:
+    if not isinstance(path, str):  # bytes in memory: nothing to map
+        return torch.load(path, map_location=map_location, weights_only=True)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except RuntimeError as error:

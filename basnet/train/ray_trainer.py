@@ -134,7 +134,7 @@ def _latest_checkpoint(device: torch.device) -> dict | None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
-    return load_checkpoint(storage.join(checkpoint_uri(ckpt), MODEL_FILE), map_location=device)
+    return load_checkpoint(storage.join(checkpoint_uri(ckpt), MODEL_FILE), map_location=device, whole=True)
 
 
 SHUFFLE_BATCHES = 4  # the local shuffle buffer holds this many batches of rows
