@@ -33,10 +33,13 @@ browser:
 # rembg from PyPI, which a test runs on this project's ONNX export, in an environment of its own: it needs
 # scikit-image 0.26 (pysodmetrics, in .venv, wants < 0.26) and its command line pins fastapi below Ray Serve's.
 # Python 3.11 or newer (rembg's own requirement). The stamp names the version: a new pin reinstalls.
+# rembg's first import compiles pymatting's numba kernels into their cache (55 s here, 1.5 s after):
+# done once here, not inside the first test that runs it.
 $(REMBG_STAMP):
 	$(PYTHON) -m venv $(REMBG_VENV)
 	$(REMBG_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(REMBG_VENV)/bin/python -m pip install --quiet 'rembg[cpu,cli]==$(REMBG_VERSION)'
+	$(REMBG_VENV)/bin/python -c "import rembg.bg"
 	touch $(REMBG_STAMP)
 
 rembg: $(REMBG_STAMP)
