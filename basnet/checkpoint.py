@@ -243,11 +243,11 @@ def _model_file(source: str) -> str:
 
 
 @contextlib.contextmanager
-def _local_file(uri: str, *, whole: bool):
-    """A local path holding ``uri``: the file itself, or an object downloaded to a temporary file,
-    deleted afterwards; with ``whole``, an S3 object's bytes in memory instead. The download is one
-    read: ranged reads of 16 MB took 54 s for 1 GB from an S3-compatible server (moto) that serves
-    it in 2 s whole."""
+def _torch_source(uri: str, *, whole: bool):
+    """What ``torch.load`` reads for ``uri``: a local file's path; an S3 object downloaded to a
+    temporary file (deleted afterwards) to be mapped, or with ``whole`` its bytes in memory. The
+    download is one read: ranged reads of 16 MB took 54 s for 1 GB from an S3-compatible server
+    (moto) that serves it in 2 s whole."""
     _, path = storage.filesystem(uri)
     if not storage.is_s3(uri):
         if os.path.isdir(path):
@@ -274,9 +274,9 @@ def _torch_load(uri: str, map_location: Any, *, whole: bool = False) -> Any:
     """
     hint = "pass a training checkpoint directory or a basnet.pth file"
     try:
-        with _local_file(uri, whole=whole) as path:
+        with _torch_source(uri, whole=whole) as source:
             try:
-                return _mapped_load(path, map_location)
+                return _load(source, map_location)
             except Exception as error:  # torch.load raises several types for non-torch bytes
                 raise CheckpointError(f"{uri} is not a readable torch file ({hint}): {first_line(error)}") from None
     except CheckpointError:
@@ -287,15 +287,15 @@ def _torch_load(uri: str, map_location: Any, *, whole: bool = False) -> Any:
         raise CheckpointError(f"cannot read checkpoint {uri}: {first_line(error)}") from None
 
 
-def _mapped_load(path: str | io.BytesIO, map_location: Any) -> Any:
-    if not isinstance(path, str):  # bytes in memory: nothing to map
-        return torch.load(path, map_location=map_location, weights_only=True)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error):
-            raise
-        return torch.load(path, map_location=map_location, weights_only=True)
+def _load(source: str | io.BytesIO, map_location: Any) -> Any:
+    """``torch.load``, memory-mapped when ``source`` is a path in a format that can be mapped."""
+    if isinstance(source, str):
+        try:
+            return torch.load(source, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+    return torch.load(source, map_location=map_location, weights_only=True)
 
 
 def _to_cpu(value: Any) -> Any:
