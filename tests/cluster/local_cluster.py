@@ -49,6 +49,11 @@ def cluster_env(root: str) -> dict[str, str]:
         "RAY_TMPDIR": os.path.join(root, "t"),
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # A killed node is marked dead after 3 missed health checks of 1 s (15 s by default: 5 of 3 s).
+        # A killed raylet refuses the check at once; a slow one still has the default 10 s to answer,
+        # so a loaded machine does not lose nodes it still has.
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_failure_threshold": "3",
         # The job's `python` must be this interpreter, with torch and the project.
         "PATH": os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")]),
     })

@@ -102,7 +102,7 @@ def ray_cli(env: dict, *args: str, timeout: int = 120) -> subprocess.CompletedPr
 
 
 @pytest.mark.slow
-def test_submitted_training_job_succeeds_and_its_logs_hold_the_final_metrics(head, tmp_path):
+def test_submitted_training_job_succeeds_and_its_logs_hold_the_final_metrics(head, tmp_path, runs_folder):
     from basnet.data.sample import generate_sample
 
     env, url = head
@@ -111,7 +111,7 @@ def test_submitted_training_job_succeeds_and_its_logs_hold_the_final_metrics(hea
     submitted = ray_cli(env, "job", "submit", "--address", url, "--submission-id", job_id,
                         "--working-dir", ".", "--", "python", "jobs/train.py", "--data", data,
                         "--image-size", "32", "--epochs", "1", "--batch-size", "4",
-                        "--backbone-weights", "none", "--storage", str(tmp_path / "runs"),
+                        "--backbone-weights", "none", "--storage", str(runs_folder),
                         "--name", "submitted", timeout=900)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert f"Job '{job_id}' succeeded" in submitted.stdout + submitted.stderr
@@ -122,7 +122,7 @@ def test_submitted_training_job_succeeds_and_its_logs_hold_the_final_metrics(hea
     assert logs.returncode == 0, logs.stderr[-2000:]
     best = [line for line in logs.stdout.splitlines() if line.startswith("best checkpoint:")]
     assert len(best) == 1 and "(epoch 1, val MAE" in best[0], logs.stdout[-3000:]
-    assert (tmp_path / "runs" / "submitted" / "epoch_0001" / "model.pt").is_file()
+    assert (runs_folder / "submitted" / "epoch_0001" / "model.pt").is_file()
 
 
 def test_job_client_without_the_token_is_refused(head):

@@ -78,14 +78,14 @@ def _start_training(cluster: LocalCluster, data: str, storage: Path, log) -> sub
 
 
 @pytest.mark.slow
-def test_training_resumes_from_its_last_checkpoint_on_the_node_left(two_worker_cluster, tmp_path):
+def test_training_resumes_from_its_last_checkpoint_on_the_node_left(two_worker_cluster, tmp_path, runs_folder):
     from basnet.data.sample import generate_sample
 
     cluster = two_worker_cluster
     data = generate_sample(str(tmp_path / "sample"), n_train=12, n_test=4, size=(32, 32))
-    run_dir, log = tmp_path / "runs" / "elastic", tmp_path / "driver.log"
+    run_dir, log = runs_folder / "elastic", tmp_path / "driver.log"
     with log.open("w") as out:
-        proc = _start_training(cluster, data, tmp_path / "runs", out)
+        proc = _start_training(cluster, data, runs_folder, out)
     try:
         registered = run_dir / REGISTERED
         _wait_for(lambda: registered.exists() and "epoch_0001" in registered.read_text(),

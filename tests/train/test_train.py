@@ -123,11 +123,11 @@ def worker_lines_until(capfd, line: str, timeout_s: float = 120) -> str:
 
 @pytest.mark.ray
 def test_bf16_training_checkpoints_every_epoch_stops_in_one_line_when_validation_stalls_resumes_and_masks_like_fp32(
-        ray_session, tmp_path, sample_root, capfd, monkeypatch):
+        ray_session, tmp_path, runs_folder, sample_root, capfd, monkeypatch):
     from basnet.errors import JobFailed
     from basnet.train import ray_trainer
 
-    run = dict(precision="bf16", tracking="tensorboard", log_every=1)
+    run = dict(precision="bf16", tracking="tensorboard", log_every=1, storage=str(runs_folder))
     monkeypatch.setattr(ray_trainer, "validation_dataset", functools.partial(
         stalling_validation, count=str(tmp_path / "passes"), deliver=2))  # epochs 0 and 1 validate; 2's read hangs
     start = time.monotonic()
@@ -137,7 +137,7 @@ def test_bf16_training_checkpoints_every_epoch_stops_in_one_line_when_validation
     print(f"stalled run failed after {time.monotonic() - start:.0f} s: {message}")
     assert "\n" not in message and message.startswith("the validation stream delivered nothing for 1")
     assert "(--stall-timeout 15)" in message and "cluster free " in message and "dataset val_" in message
-    run_dir = tmp_path / "runs" / "t"
+    run_dir = runs_folder / "t"
     assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0001"]  # every epoch before the stall
     assert isinstance(load_model(str(run_dir / "epoch_0001")), BASNet)
     assert checkpoint_config(str(run_dir / "epoch_0001"))["image_size"] == 32
