@@ -182,19 +182,18 @@ def _wait_for_one_finished_and_one_running(exp: Path, proc: subprocess.Popen, ti
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory, make_memory_folder):
+def search(tmp_path_factory):
     """A 3-trial ASHA search at 32 px killed (SIGKILL, its whole process group) once one trial
     has finished and another is running, then started again and finished."""
     from basnet.data.sample import generate_sample
 
     root = tmp_path_factory.mktemp("tune")
-    runs = make_memory_folder("basnet-tune-")  # the trials' 1 GB checkpoints
     data = generate_sample(str(root / "sample"), n_train=12, n_test=4, size=(32, 32))
-    argv = [sys.executable, "jobs/tune.py", "--data", data, "--storage", str(runs), "--name", "s",
+    argv = [sys.executable, "jobs/tune.py", "--data", data, "--storage", str(root / "runs"), "--name", "s",
             "--space", write_space(root, SPACE), "--image-size", "32", "--epochs", "2", "--num-samples", "3",
             "--backbone-weights", "none", "--max-failures", "1",
             "--cpus-per-worker", "0.5", "--data-cpus-per-trial", "0.5"]
-    exp = runs / "s"
+    exp = root / "runs" / "s"
     with open(root / "first.log", "w") as log:
         proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -207,7 +206,7 @@ def search(tmp_path_factory, make_memory_folder):
     _, alive = psutil.wait_procs(ray_processes, timeout=120)
     again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=1200)
     yield {"exp": exp, "finished": finished, "alive": alive, "again": again}
-    shutil.rmtree(runs, ignore_errors=True)  # several GB of checkpoints, in memory
+    shutil.rmtree(root, ignore_errors=True)  # several GB of checkpoints
 
 
 def _rows(exp: Path) -> list[dict]:
