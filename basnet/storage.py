@@ -108,6 +108,16 @@ def read_bytes(uri: str) -> bytes:
         raise FileNotFoundError(f"no such file: {uri}") from exc
 
 
+def read_head(uri: str, size: int) -> bytes:
+    """The first ``size`` bytes of a file (on S3, one ranged read)."""
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            return f.read(size)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"no such file: {uri}") from exc
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Writes atomically: a reader never sees a truncated file.
 

@@ -1,8 +1,8 @@
 """Planning a bulk-masking run on the driver: every check that can fail on bad arguments, cheaply.
 
 The driver never lists the input and never loads the weights (``basnet.infer.ray_pipeline`` does
-both in Ray tasks): it checks that ``--input`` is what it claims to be, that ``--weights`` exists,
-and that ``--output`` is writable (by saving the run's config there), so a bad argument still
+both in Ray tasks): it checks that ``--input`` is what it claims to be, that ``--weights`` exists
+and starts as a torch file or is a ``.onnx``, and that ``--output`` is writable (by saving the run's config there), so a bad argument still
 fails in one line before any Ray work, and a million-image run starts in the same second as a
 ten-image one. No torch here: the driver stays small.
 """
@@ -19,7 +19,7 @@ import yaml
 
 from basnet import storage
 from basnet.errors import JobFailed, UsageError, first_line
-from basnet.infer.config import InferConfig
+from basnet.infer.config import InferConfig, is_onnx
 from basnet.infer.inputs import InputSpec, image_units, resolve_input
 from basnet.infer.monitor import storage_failure
 from basnet.infer.naming import canonical
@@ -27,6 +27,10 @@ from basnet.infer.naming import canonical
 __all__ = ["CONFIG_DIR", "InferPlan", "new_run_id", "save_config", "plan_inference"]
 
 CONFIG_DIR = "_config"
+MODEL_FILE = "model.pt"  # a training checkpoint folder's weights (basnet.checkpoint, which imports torch)
+# What torch.save writes: a zip archive, or in its legacy format a pickle stream (protocol 2 or later).
+_TORCH_HEADERS = (b"PK\x03\x04", b"\x80")
+_WEIGHTS_HINT = "pass a training checkpoint directory, a basnet.pth file or a model.onnx"
 
 
 @dataclass
@@ -53,14 +57,23 @@ def save_config(cfg: InferConfig, uri: str, run_id: str) -> None:
 
 
 def _check_weights(uri: str) -> None:
-    """Only that the weights exist (loading them is a Ray task's work; its errors come back as theirs)."""
+    """That the weights exist and, unless they are a ``.onnx``, that their first bytes are a torch
+    file's (loading them is a Ray task's work; its errors come back as theirs). A text file or an
+    image passed by mistake is refused here in a second instead of after Ray has started."""
     try:
         found = storage.exists(uri)  # a file or a checkpoint folder
+        if found and not is_onnx(uri):
+            model = storage.join(uri, MODEL_FILE) if storage.is_dir(uri) else uri
+            head = storage.read_head(model, 4)
+    except FileNotFoundError:
+        raise UsageError(f"checkpoint not found: {uri} has no {MODEL_FILE} ({_WEIGHTS_HINT})") from None
     except OSError as exc:
         raise storage_failure("--weights", uri, exc) from None
     if not found:
-        raise UsageError(f"checkpoint not found: {uri} (pass a training checkpoint directory, a basnet.pth file "
-                         "or a model.onnx)")
+        raise UsageError(f"checkpoint not found: {uri} ({_WEIGHTS_HINT})")
+    if not is_onnx(uri) and not head.startswith(_TORCH_HEADERS):
+        raise UsageError(f"{uri} is not a readable torch file ({_WEIGHTS_HINT}): it is neither a zip archive "
+                         "nor a pickle stream, the two formats torch.save writes")
 
 
 def plan_inference(cfg: InferConfig, *, images: Sequence[str] | None = None) -> InferPlan:

@@ -291,6 +291,7 @@ def test_killed_run_resumes_writing_only_the_missing_masks(ray_session, weights,
 @pytest.mark.parametrize("argv, message", [
     (["--input", "/nonexistent/photos"], "input not found"),
     (["--weights", "NOT_TORCH"], "not a readable torch file"),
+    (["--weights", "EMPTY_RUN"], "has no model.pt"),
     (["--output", "UNDER_A_FILE"], "cannot write to --output"),
     (["--image-size", "100"], "not a multiple of 32"),
     (["--runtime", "onnxruntime", "--precision", "bf16"], "--precision bf16 is for --runtime torch"),
@@ -304,8 +305,9 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, collection, weights, 
     base = {"--input": root, "--output": str(tmp_path / "masks"), "--weights": weights}
     base.update(dict(zip(argv[::2], argv[1::2])))
     (tmp_path / "model.onnx").write_bytes(b"")
+    (tmp_path / "epoch_0001").mkdir()  # a checkpoint folder without its model.pt
     swap = {"NOT_TORCH": str(tmp_path / "weights.txt"), "UNDER_A_FILE": str(tmp_path / "file" / "masks"),
-            "MODEL_ONNX": str(tmp_path / "model.onnx")}
+            "MODEL_ONNX": str(tmp_path / "model.onnx"), "EMPTY_RUN": str(tmp_path / "epoch_0001")}
     base = {k: swap.get(v, v) for k, v in base.items()}
     proc = subprocess.run([sys.executable, "jobs/infer.py", *[x for kv in base.items() for x in kv]],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
