@@ -189,7 +189,8 @@ def test_dry_run_prints_the_counts_examples_and_files_that_are_not_images_withou
         (tmp_path / "in" / other).write_bytes(b"not an image")
     os.makedirs(tmp_path / "out/a")
     (tmp_path / "out/a/img000.png").write_bytes(b"done")
-    (tmp_path / "not-torch.pth").write_text("the model is never loaded")
+    # A torch file's first bytes (the driver checks them) and nothing loadable after: a dry run never loads it.
+    (tmp_path / "not-torch.pth").write_bytes(b"PK\x03\x04 the model is never loaded")
     status, verdict, out = run_job(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
                                     "--weights", str(tmp_path / "not-torch.pth"), "--dry-run"], capfd)
     assert status == 0 and not verdict
