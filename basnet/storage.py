@@ -24,6 +24,7 @@ __all__ = [
     "is_s3",
     "join",
     "read_bytes",
+    "read_head",
     "write_bytes",
     "exists",
     "list_files",

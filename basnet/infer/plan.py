@@ -2,9 +2,10 @@
 
 The driver never lists the input and never loads the weights (``basnet.infer.ray_pipeline`` does
 both in Ray tasks): it checks that ``--input`` is what it claims to be, that ``--weights`` exists
-and starts as a torch file or is a ``.onnx``, and that ``--output`` is writable (by saving the run's config there), so a bad argument still
-fails in one line before any Ray work, and a million-image run starts in the same second as a
-ten-image one. No torch here: the driver stays small.
+and starts as a torch file or is a ``.onnx``, and that ``--output`` is writable (by saving the
+run's config there), so a bad argument still fails in one line before any Ray work, and a
+million-image run starts in the same second as a ten-image one. No torch here: the driver stays
+small.
 """
 
 from __future__ import annotations
@@ -61,17 +62,17 @@ def _check_weights(uri: str) -> None:
     file's (loading them is a Ray task's work; its errors come back as theirs). A text file or an
     image passed by mistake is refused here in a second instead of after Ray has started."""
     try:
-        found = storage.exists(uri)  # a file or a checkpoint folder
-        if found and not is_onnx(uri):
-            model = storage.join(uri, MODEL_FILE) if storage.is_dir(uri) else uri
-            head = storage.read_head(model, 4)
+        if not storage.exists(uri):  # a file or a checkpoint folder
+            raise UsageError(f"checkpoint not found: {uri} ({_WEIGHTS_HINT})")
+        if is_onnx(uri):
+            return
+        model = storage.join(uri, MODEL_FILE) if storage.is_dir(uri) else uri
+        head = storage.read_head(model, 4)
     except FileNotFoundError:
         raise UsageError(f"checkpoint not found: {uri} has no {MODEL_FILE} ({_WEIGHTS_HINT})") from None
     except OSError as exc:
         raise storage_failure("--weights", uri, exc) from None
-    if not found:
-        raise UsageError(f"checkpoint not found: {uri} ({_WEIGHTS_HINT})")
-    if not is_onnx(uri) and not head.startswith(_TORCH_HEADERS):
+    if not head.startswith(_TORCH_HEADERS):
         raise UsageError(f"{uri} is not a readable torch file ({_WEIGHTS_HINT}): it is neither a zip archive "
                          "nor a pickle stream, the two formats torch.save writes")
 
