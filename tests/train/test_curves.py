@@ -43,7 +43,8 @@ def test_curves_draw_from_a_single_untrained_epoch_and_on_s3(s3_bucket):
     assert storage.exists(storage.join(run, HISTORY_FILE)) and storage.exists(storage.join(run, CURVES_FILE))
 
 
-def test_tensorboard_events_on_s3_are_copied_up_every_epoch_and_read_back(s3_bucket, tmp_path):
+def test_tensorboard_events_on_s3_are_copied_up_every_epoch_and_a_resumed_run_replaces_later_steps(s3_bucket,
+                                                                                                    tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from basnet.train.tracking import TENSORBOARD_DIR, open_tracker
@@ -71,3 +72,15 @@ def test_tensorboard_events_on_s3_are_copied_up_every_epoch_and_read_back(s3_buc
     events = pulled()
     assert [(e.step, e.value) for e in events.Scalars("epoch/val_mae")] == [(1, 0.25), (2, 0.125)]
     assert [(e.step, e.value) for e in events.Scalars("step/loss")] == [(1, 2.5), (9, 1.5)]
+
+    # Step 9 came from epoch 3, which the run did not finish: resumed from epoch 2's checkpoint (in a
+    # new process: a new event file), it logs step 9 again, and TensorBoard shows the new value alone.
+    resumed = open_tracker("tensorboard", run_uri=run, name="tb", rank=0, resume_step=9)
+    resumed.config({"lr": 0.001})
+    resumed.step(9, 1.25, 0.001)
+    resumed.epoch(3, {"train_loss": 1.25, "val_mae": 0.0625, "val_max_f": 0.875, "images_per_s": 3.0}, 0.001)
+    resumed.close()
+    events = pulled()
+    assert [(e.step, e.value) for e in events.Scalars("step/loss")] == [(1, 2.5), (9, 1.25)]
+    assert [e.value for e in events.Scalars("epoch/val_mae")] == [0.25, 0.125, 0.0625]
+    assert len(events.Tensors("config/text_summary")) == 2  # each process logs the resolved config
