@@ -5,15 +5,17 @@ The cluster (tests/cluster/local_cluster.py) mirrors cluster.yaml: a head that r
 worker nodes. Each worker node fits exactly one training worker (3 CPUs, 1.6 per worker, the
 rest for Ray Data), so a run of two workers has one on each. Checkpoints go to one local folder
 that every node sees: the nodes share this machine, which is what `--storage` must give on a
-real cluster (S3). The driver is `python jobs/train.py` in a subprocess joined to the cluster
-through RAY_ADDRESS, as `ray job submit` would run it; the test process never joins this
-cluster, so the session's own Ray is left alone. Bulk masking runs the same way: `python
-jobs/infer.py` with one model replica on each worker node (a custom resource pins them, as
-`--actor-resources` would pin them to GPU nodes), and masks go to a folder every node sees.
+real cluster (S3). Training is submitted as the README submits it: `ray job submit
+--working-dir . -- python jobs/train.py` to the cluster's dashboard, whose job runs its driver on
+the head; `ray job status` and `ray job logs` then report on it. The test process never joins
+this cluster, so the session's own Ray is left alone. Bulk masking runs `python jobs/infer.py`
+joined through RAY_ADDRESS with one model replica on each worker node (a custom resource pins
+them, as `--actor-resources` would pin them to GPU nodes), and masks go to a folder every node sees.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -30,6 +33,7 @@ import pytest
 from local_cluster import ClusterSpec, LocalCluster
 
 REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).with_name("ray"))
 EPOCHS = 2  # the node is lost after epoch 1: the run resumes from it and trains epoch 2
 EPOCH_LINE = re.compile(r"epoch\s+(\d+)\s+train loss")
 TRAIN_WORKER = "RayTrainWorker"  # Ray Train's actor class for a training worker
@@ -64,28 +68,38 @@ def _wait_for(condition, what: str, proc: subprocess.Popen | None, log: Path, ti
     return result
 
 
-def _start_training(cluster: LocalCluster, data: str, storage: Path, log) -> subprocess.Popen:
-    env = dict(cluster.env, RAY_ADDRESS=cluster.address,
-               # Every node of this cluster sees the storage folder (they share one machine).
-               BASNET_STORAGE_IS_SHARED="1",
-               # After a node is lost Ray Train first asks for the old worker count (its view of the
-               # cluster lags by up to 20 s) and waits this long before shrinking; 60 s by default.
-               RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="30")
-    cmd = [sys.executable, "jobs/train.py", "--data", data, "--storage", str(storage), "--name", "elastic",
+def _ray_cli(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, *args, "--address", cluster.dashboard_url], cwd=REPO, env=cluster.env,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def _submit_training(cluster: LocalCluster, job_id: str, data: str, storage: Path, log) -> subprocess.Popen:
+    """``ray job submit`` of jobs/train.py, which streams the job's logs and exits with its status."""
+    env_vars = {
+        # Every node of this cluster sees the storage folder (they share one machine).
+        "BASNET_STORAGE_IS_SHARED": "1",
+        # After a node is lost Ray Train first asks for the old worker count (its view of the
+        # cluster lags by up to 20 s) and waits this long before shrinking; 60 s by default.
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
+    cmd = [RAY, "job", "submit", "--address", cluster.dashboard_url, "--submission-id", job_id,
+           "--working-dir", ".", "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--",
+           "python", "jobs/train.py", "--data", data, "--storage", str(storage), "--name", "elastic",
            "--image-size", "32", "--epochs", str(EPOCHS), "--batch-size", "4", "--backbone-weights", "none",
            "--num-workers", "2", "--min-workers", "1", "--cpus-per-worker", "1.6", "--max-failures", "4"]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, cwd=REPO, env=cluster.env, stdout=log, stderr=subprocess.STDOUT)
 
 
 @pytest.mark.slow
-def test_training_resumes_from_its_last_checkpoint_on_the_node_left(two_worker_cluster, tmp_path, runs_folder):
+def test_submitted_training_resumes_from_its_last_checkpoint_on_the_node_left(two_worker_cluster, tmp_path,
+                                                                              runs_folder):
     from basnet.data.sample import generate_sample
 
     cluster = two_worker_cluster
     data = generate_sample(str(tmp_path / "sample"), n_train=12, n_test=4, size=(32, 32))
-    run_dir, log = runs_folder / "elastic", tmp_path / "driver.log"
+    run_dir, log = runs_folder / "elastic", tmp_path / "submit.log"
+    job_id = f"basnet-test-{uuid.uuid4().hex[:8]}"
     with log.open("w") as out:
-        proc = _start_training(cluster, data, runs_folder, out)
+        proc = _submit_training(cluster, job_id, data, runs_folder, out)
     try:
         registered = run_dir / REGISTERED
         _wait_for(lambda: registered.exists() and "epoch_0001" in registered.read_text(),
@@ -104,12 +118,17 @@ def test_training_resumes_from_its_last_checkpoint_on_the_node_left(two_worker_c
             proc.kill()
             proc.wait()
 
-    printed = log.read_text()
+    assert f"Job '{job_id}' succeeded" in log.read_text()
+    assert f"Job '{job_id}' succeeded" in (status := _ray_cli(cluster, "job", "status", job_id)).stdout + status.stderr
+    logs = _ray_cli(cluster, "job", "logs", job_id)
+    assert logs.returncode == 0, logs.stderr[-2000:]
+    printed = logs.stdout
     epochs = [int(e) for e in EPOCH_LINE.findall(printed)]
     # Epochs 0 and 1 ran once: the restart resumed from epoch 1's checkpoint, not from scratch.
     assert epochs.count(0) == 1 and epochs.count(1) == 1, epochs
     assert set(epochs) == set(range(EPOCHS + 1)) and epochs[-1] == EPOCHS, epochs
-    assert f"best checkpoint: {run_dir}/epoch_" in printed
+    best = [line for line in printed.splitlines() if line.startswith("best checkpoint:")]
+    assert len(best) == 1 and best[0].startswith(f"best checkpoint: {run_dir}/epoch_"), printed[-3000:]
     assert (run_dir / f"epoch_{EPOCHS:04d}" / "model.pt").is_file()
     assert f"epoch_{EPOCHS:04d}" in (run_dir / REGISTERED).read_text()
 
