@@ -129,6 +129,7 @@ def test_submitted_training_resumes_from_its_last_checkpoint_on_the_node_left(tw
     assert set(epochs) == set(range(EPOCHS + 1)) and epochs[-1] == EPOCHS, epochs
     best = [line for line in printed.splitlines() if line.startswith("best checkpoint:")]
     assert len(best) == 1 and best[0].startswith(f"best checkpoint: {run_dir}/epoch_"), printed[-3000:]
+    assert "(epoch " in best[0] and "val MAE" in best[0], best[0]
     assert (run_dir / f"epoch_{EPOCHS:04d}" / "model.pt").is_file()
     assert f"epoch_{EPOCHS:04d}" in (run_dir / REGISTERED).read_text()
 

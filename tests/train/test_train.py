@@ -181,12 +181,18 @@ def test_bf16_on_two_workers_and_s3_checkpoints_every_epoch_stops_when_validatio
     (experiment,) = [e for e in client.search_experiments() if e.name == "basnet-ray"]
     (tracked,) = client.search_runs([experiment.experiment_id])
     assert tracked.info.run_name == "t" and tracked.data.params["precision"] == "bf16"
-    val_mae = {m.step: m.value for m in client.get_metric_history(tracked.info.run_id, "epoch/val_mae")}
-    assert val_mae == pytest.approx({r["epoch"]: r["val_mae"] for r in history})
-    # Every step of epochs 1 and 2 once, except epoch 2's: the stalled run logged them before its
-    # validation hung, the resumed run logged them again (MLflow keeps both; TensorBoard would hide
-    # the first). Epochs 1 and 2 have as many steps.
-    logged = collections.Counter(m.step for m in client.get_metric_history(tracked.info.run_id, "step/loss"))
+    assert tracked.data.params["tracking"] == "mlflow"
+
+    def metric(key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in client.get_metric_history(tracked.info.run_id, key)]
+
+    assert dict(metric("epoch/val_mae")) == pytest.approx({r["epoch"]: r["val_mae"] for r in history})
+    assert [step for step, _ in metric("epoch/train_loss")] == [1, 2]  # epoch 0 trained nothing
+    assert [value for _, value in metric("epoch/lr")] == pytest.approx([1e-3] * 3)
+    # Epoch 1's steps once and epoch 2's twice: the stalled run logged them before its validation
+    # hung and the resumed run logged them again (MLflow keeps both; TensorBoard would show the
+    # second alone). The two epochs have as many steps.
+    logged = collections.Counter(step for step, _ in metric("step/loss"))
     steps = sorted(logged)
     assert len(steps) >= 2 and steps == list(range(steps[0], steps[-1] + 1))
     half = len(steps) // 2
