@@ -26,7 +26,16 @@ from typing import TextIO
 
 from basnet.ray_init import free_port
 
-__all__ = ["LocalCluster", "ClusterSpec", "cluster_env"]
+__all__ = ["RAY", "ClusterSpec", "LocalCluster", "cluster_env", "ray_cli"]
+
+RAY = str(Path(sys.executable).with_name("ray"))  # this environment's `ray` command
+REPO = Path(__file__).resolve().parents[2]
+
+
+def ray_cli(env: dict, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """``ray *args`` from the repository's root, with ``env``; its output captured."""
+    return subprocess.run([RAY, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
 def cluster_env(root: str) -> dict[str, str]:

@@ -14,23 +14,19 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import psutil
 import pytest
 
 from basnet.ray_init import free_ports
 
-from local_cluster import cluster_env
+from local_cluster import RAY, cluster_env, ray_cli
 
-REPO = Path(__file__).resolve().parents[2]
-RAY = str(Path(sys.executable).with_name("ray"))
 READY = "Ray runtime started"
 
 
@@ -96,10 +92,6 @@ def head():
     finally:
         _stop(proc, root)
         shutil.rmtree(root, ignore_errors=True)
-
-
-def ray_cli(env: dict, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_job_client_without_the_token_is_refused(head):

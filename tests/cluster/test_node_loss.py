@@ -30,10 +30,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from local_cluster import ClusterSpec, LocalCluster
+from local_cluster import RAY, ClusterSpec, LocalCluster, ray_cli
 
 REPO = Path(__file__).resolve().parents[2]
-RAY = str(Path(sys.executable).with_name("ray"))
 EPOCHS = 2  # the node is lost after epoch 1: the run resumes from it and trains epoch 2
 EPOCH_LINE = re.compile(r"epoch\s+(\d+)\s+train loss")
 TRAIN_WORKER = "RayTrainWorker"  # Ray Train's actor class for a training worker
@@ -66,11 +65,6 @@ def _wait_for(condition, what: str, proc: subprocess.Popen | None, log: Path, ti
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.5)
     return result
-
-
-def _ray_cli(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, *args, "--address", cluster.dashboard_url], cwd=REPO, env=cluster.env,
-                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def _submit_training(cluster: LocalCluster, job_id: str, data: str, storage: Path, log) -> subprocess.Popen:
@@ -119,8 +113,8 @@ def test_submitted_training_resumes_from_its_last_checkpoint_on_the_node_left(tw
             proc.wait()
 
     assert f"Job '{job_id}' succeeded" in log.read_text()
-    assert f"Job '{job_id}' succeeded" in (status := _ray_cli(cluster, "job", "status", job_id)).stdout + status.stderr
-    logs = _ray_cli(cluster, "job", "logs", job_id)
+    assert f"Job '{job_id}' succeeded" in (status := ray_cli(cluster.env, "job", "status", job_id, "--address", cluster.dashboard_url)).stdout + status.stderr
+    logs = ray_cli(cluster.env, "job", "logs", job_id, "--address", cluster.dashboard_url)
     assert logs.returncode == 0, logs.stderr[-2000:]
     printed = logs.stdout
     epochs = [int(e) for e in EPOCH_LINE.findall(printed)]
