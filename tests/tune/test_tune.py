@@ -2,8 +2,9 @@
 
 The Ray tests share one search: jobs/tune.py run as a subprocess (with its own local Ray), killed
 part-way, started again, and left to finish. Its checkpoints are ~1 GB each, so the search is
-small (3 trials, 2 epochs: the fewest that show a finished trial kept, a running one resumed and
-a trial still to start) and deleted at the end of the module.
+small (3 trials of 1 epoch: the fewest that show a finished trial kept, a running one started
+again and a trial still to start; a resumed training run's continuing from its checkpoint is
+tested in tests/train) and deleted at the end of the module.
 """
 
 from __future__ import annotations
@@ -183,14 +184,14 @@ def _wait_for_one_finished_and_one_running(exp: Path, proc: subprocess.Popen, ti
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory):
-    """A 3-trial ASHA search at 32 px killed (SIGKILL, its whole process group) once one trial
+    """A 3-trial ASHA search of 1 epoch at 32 px killed (SIGKILL, its whole process group) once one trial
     has finished and another is running, then started again and finished."""
     from basnet.data.sample import generate_sample
 
     root = tmp_path_factory.mktemp("tune")
     data = generate_sample(str(root / "sample"), n_train=12, n_test=4, size=(32, 32))
     argv = [sys.executable, "jobs/tune.py", "--data", data, "--storage", str(root / "runs"), "--name", "s",
-            "--space", write_space(root, SPACE), "--image-size", "32", "--epochs", "2", "--num-samples", "3",
+            "--space", write_space(root, SPACE), "--image-size", "32", "--epochs", "1", "--num-samples", "3",
             "--backbone-weights", "none", "--max-failures", "1",
             "--cpus-per-worker", "0.5", "--data-cpus-per-trial", "0.5"]
     exp = root / "runs" / "s"
