@@ -19,9 +19,9 @@ from basnet.imaging.decode import (
     image_suffix,
 )
 from basnet.imaging.encode import ENCODINGS, SUFFIXES, encode, encode_png
-from basnet.imaging.render import FORMATS, render_output, to_grey, upsample
+from basnet.imaging.render import FORMATS, REFINES, default_refine, render_output, to_grey, upsample
 
 __all__ = ["DEFAULT_MAX_PIXELS", "FORMATS_BY_SUFFIX", "HEIF_SUPPORT", "IMAGE_SUFFIXES", "REDUCED_DECODE_FACTOR",
            "Decoded", "ImageDecodeError", "ImageTooLargeError", "decode_for_model", "decode_image", "decode_mask",
            "decode_rgb", "has_image_suffix", "image_suffix", "ENCODINGS", "SUFFIXES", "encode", "encode_png",
-           "FORMATS", "render_output", "to_grey", "upsample"]
+           "FORMATS", "REFINES", "default_refine", "render_output", "to_grey", "upsample"]

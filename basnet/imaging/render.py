@@ -6,6 +6,10 @@ so evaluation figures stay the protocol's) take exactly that path; its float32 c
 Larger photos are quantised to 8 bits at S x S and upsampled on 8-bit pixels (Pillow's fixed-point
 bilinear filter): no float32 copy of a 12 or 100 MP image is ever made, and the grey levels stay
 within one of the float path's (measured in docs/infer.md, "Full-resolution photos").
+
+``refine="guided"`` takes the map to full size with the photo as the guide instead
+(:mod:`basnet.imaging.refine`), and an RGBA cut-out then gets estimated foreground colours at its
+edges; ``"none"`` is the plain path above, exactly.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from PIL import Image
 
 from basnet.imaging.decode import ImageDecodeError, decode_rgb
 from basnet.imaging.encode import encode
+from basnet.imaging.refine import REFINES, estimate_foreground, refine_mask
 from basnet.transforms import resize_mask
 
-__all__ = ["EXACT_MAX_PIXELS", "FORMATS", "to_grey", "upsample", "render_output"]
+__all__ = ["EXACT_MAX_PIXELS", "FORMATS", "REFINES", "to_grey", "upsample", "render_output", "default_refine"]
 
 FORMATS = ("mask", "binary", "rgba")  # what a saliency map is rendered as
 EXACT_MAX_PIXELS = 512 * 1024  # up to here the float path; benchmark images are at most 0.2 MP
@@ -49,18 +54,22 @@ def upsample(prob: np.ndarray, height: int, width: int, threshold: float | None 
     return grey.point([255 if level >= cut else 0 for level in range(256)])
 
 
-def _cutout(mask: Image.Image, source: bytes, max_pixels: int | None) -> Image.Image:
-    """The source image at full size, oriented, with ``mask`` as its alpha channel."""
+def _photo(source: bytes, max_pixels: int | None, height: int, width: int) -> Image.Image:
+    """The source image at full size, oriented, checked against the size the map is rendered at."""
     image = decode_rgb(source, max_pixels=max_pixels)
-    if image.size != mask.size:
-        raise ImageDecodeError(f"image decoded as {image.height} x {image.width}, expected {mask.height} x "
-                               f"{mask.width}")
-    image.putalpha(mask)
+    if image.size != (width, height):
+        raise ImageDecodeError(f"image decoded as {image.height} x {image.width}, expected {height} x {width}")
     return image
 
 
+def default_refine(fmt: str) -> str:
+    """``guided`` for cut-outs (measured better, docs/infer.md); masks keep the test protocol's plain path."""
+    return "guided" if fmt == "rgba" else "none"
+
+
 def render_output(prob: np.ndarray, height: int, width: int, *, fmt: str, threshold: float = 0.5,
-                  source: bytes = b"", encoding: str = "png", max_pixels: int | None = None) -> bytes:
+                  source: bytes = b"", encoding: str = "png", max_pixels: int | None = None,
+                  refine: str = "none") -> bytes:
     """The output file for one saliency map, at the image's original size (the protocol's last step).
 
     Args:
@@ -69,18 +78,38 @@ def render_output(prob: np.ndarray, height: int, width: int, *, fmt: str, thresh
         fmt: ``mask`` (8-bit soft), ``binary`` (0 or 255 at ``threshold``) or ``rgba`` (the decoded
             image with the soft mask as alpha; needs ``source``, the image's bytes).
         threshold: Saliency threshold of ``binary``.
-        source: The image's encoded bytes, for ``rgba``.
+        source: The image's encoded bytes, for ``rgba`` and for ``refine="guided"``.
         encoding: ``basnet.imaging.encode.ENCODINGS`` (lossless; ``webp`` for cut-outs).
         max_pixels: The pixel limit the source was decoded under.
+        refine: ``none`` (plain bilinear upsampling; a cut-out keeps the photo's colours) or
+            ``guided`` (the photo guides the upsampling; a cut-out gets estimated foreground colours).
 
     Returns:
         The encoded file's bytes.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}")
+    if refine not in REFINES:
+        raise ValueError(f"unknown refine {refine!r}")
+    if refine == "guided":
+        return _render_guided(prob, height, width, fmt=fmt, threshold=threshold, source=source, encoding=encoding,
+                              max_pixels=max_pixels)
     if fmt == "binary":
         return encode(upsample(prob, height, width, threshold), encoding)
     mask = upsample(prob, height, width)
     if fmt == "mask":
         return encode(mask, encoding)
-    return encode(_cutout(mask, source, max_pixels), encoding)
+    image = _photo(source, max_pixels, height, width)
+    image.putalpha(mask)
+    return encode(image, encoding)
+
+
+def _render_guided(prob: np.ndarray, height: int, width: int, *, fmt: str, threshold: float, source: bytes,
+                   encoding: str, max_pixels: int | None) -> bytes:
+    photo = np.asarray(_photo(source, max_pixels, height, width))
+    alpha = refine_mask(np.asarray(prob, np.float32), photo, np.asarray(upsample(prob, height, width)))
+    if fmt == "mask":
+        return encode(alpha, encoding)
+    if fmt == "binary":
+        return encode(np.where(alpha >= threshold * 255.0, 255, 0).astype(np.uint8), encoding)
+    return encode(np.dstack([estimate_foreground(photo, alpha), alpha]), encoding)

@@ -326,7 +326,7 @@ def test_manifest_writer_flushes_numbered_parts_and_counts_statuses(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"input": None}, "--input is required"), ({"image_size": 48}, "multiple of 32"),
-    ({"format": "jpeg"}, "--format"), ({"threshold": 2.0}, "--threshold"),
+    ({"format": "jpeg"}, "--format"), ({"threshold": 2.0}, "--threshold"), ({"refine": "matting"}, "--refine"),
     ({"batch_size": 0}, "--batch-size"), ({"actor_resources": "{infer_node: 1}"}, "not JSON"),
     ({"task_resources": '{"x": -1}'}, "positive numbers"),
 ])
@@ -345,6 +345,16 @@ def test_summary_line_adds_up_and_reports_throughput():
     summary = InferSummary(written=7, skipped=2, failed=1, seconds=4.0, output="o", manifest=[], config="c", run_id="r")
     assert summary.total == 10
     assert summary.line() == "written 7, skipped 2, failed 1 of 10 in 4.0 s (2.00 images/s)"
+
+
+def test_refine_defaults_to_guided_for_cutouts_only_and_guided_masks_carry_the_image_bytes():
+    def cfg(**options):
+        return InferConfig(input="i", output="o", weights="w", **options)
+
+    assert [cfg(format=f).resolved_refine() for f in ("mask", "binary", "rgba")] == ["none", "none", "guided"]
+    assert cfg(format="rgba", refine="none").resolved_refine() == "none"
+    assert [cfg(**o).needs_source() for o in ({}, {"refine": "guided"}, {"format": "rgba", "refine": "none"})] == [
+        False, True, True]
 
 
 def test_infer_help_documents_the_gpu_options():
