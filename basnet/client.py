@@ -31,7 +31,7 @@ def _endpoint(url: str, options: dict) -> str:
 
 
 def mask(url: str, image: str | os.PathLike | bytes, *, format: str | None = None, threshold: float | None = None,
-         timeout: float = 300.0) -> bytes:
+         refine: str | None = None, timeout: float = 300.0) -> bytes:
     """The PNG the service at ``url`` returns for ``image`` (a path or the file's bytes).
 
     Args:
@@ -39,6 +39,7 @@ def mask(url: str, image: str | os.PathLike | bytes, *, format: str | None = Non
         image: A local file's path, or encoded image bytes.
         format: ``mask``, ``binary`` or ``rgba`` (default: the service's).
         threshold: The binary threshold in [0, 1] (default: the service's).
+        refine: ``none`` or ``guided`` (default: the service's).
         timeout: Seconds to wait for the answer.
 
     Raises:
@@ -51,7 +52,8 @@ def mask(url: str, image: str | os.PathLike | bytes, *, format: str | None = Non
             data = f.read()
         guessed = mimetypes.guess_type(os.fspath(image))[0] or ""
         kind = guessed if guessed.startswith("image/") else "application/octet-stream"  # the service decodes it
-    request = urllib.request.Request(_endpoint(url, {"format": format, "threshold": threshold}), data=data,
+    options = {"format": format, "threshold": threshold, "refine": refine}
+    request = urllib.request.Request(_endpoint(url, options), data=data,
                                      method="POST", headers={"Content-Type": kind})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

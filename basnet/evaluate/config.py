@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from basnet.config import PRECISIONS, check_options, option
 from basnet.data.discovery import Pair, evaluation_pairs
 from basnet.errors import ConfigError
+from basnet.imaging.refine import REFINES
 
 __all__ = ["EvalConfig", "SAMPLE_TOKEN", "resolve_eval_data", "WeightsPlan", "plan_weights"]
 
@@ -34,6 +35,10 @@ class EvalConfig:
     batch_size: int = option(8, "images per inference batch with --weights", positive=True)
     precision: str = option("auto", "with --weights: auto (bf16 on GPUs that support it, fp16 on older "
                                   "GPUs, fp32 on CPU), fp32, bf16 or fp16", choices=PRECISIONS)
+    refine: str = option("none", "with --weights: how masks reach the images' size: none (the test protocol's "
+                                 "plain upsampling, comparable with published figures) or guided (the photo "
+                                 "guides the edges; the images are also masked plainly and both rows printed)",
+                         choices=REFINES)
     sheet_rows: int = option(8, "images in each of the worst.png and best.png contact sheets", positive=True)
     skip_unpaired: bool = option(False, "with --data: skip images without a mask instead of failing")
     blocks: int | None = option(None, "parallel scoring tasks (default: from the cluster's CPUs and the "

@@ -95,7 +95,7 @@ def evaluate_folders_parallel(pred: str, gt: str, *, images: str | None = None,
 
 
 def _predict_masks(weights: str, images: list[str], *, pred_dir: str, image_size: int | None,
-                   batch_size: int, precision: str) -> dict[str, str]:
+                   batch_size: int, precision: str, refine: str = "none") -> dict[str, str]:
     """Masks exactly ``images`` with the bulk-masking pipeline; returns image URI -> mask URI.
 
     Masks mirror the images' paths relative to their common folder; existing masks are
@@ -106,7 +106,7 @@ def _predict_masks(weights: str, images: list[str], *, pred_dir: str, image_size
     from basnet.infer.ray_pipeline import run_inference
 
     cfg = InferConfig(output=pred_dir, weights=weights, root=storage.common_folder(images), image_size=image_size,
-                      batch_size=batch_size, precision=precision, overwrite=True)
+                      batch_size=batch_size, precision=precision, overwrite=True, refine=refine)
     summary = run_inference(cfg, images=images)
     logger.info("masking: %s", summary.line())
     rows = read_run_manifest(summary).to_pylist()
@@ -139,7 +139,7 @@ def _match_masks(pairs: list[Pair], masks: dict[str, str], pred_dir: str) -> Mat
 
 def predict_and_evaluate(weights: str, pairs: list[Pair], *, out: str, dataset: str,
                          image_size: int | None = None, batch_size: int = 8, precision: str = "auto",
-                         blocks: int | None = None) -> Evaluation:
+                         blocks: int | None = None, refine: str = "none") -> Evaluation:
     """Masks the images of ``pairs`` with ``weights``, then scores the masks against ``pairs``' masks.
 
     Args:
@@ -151,16 +151,24 @@ def predict_and_evaluate(weights: str, pairs: list[Pair], *, out: str, dataset: 
         batch_size: Images per inference batch.
         precision: ``--precision`` of the masking (see ``basnet.device``).
         blocks: Scoring tasks (default from the cluster).
+        refine: ``none`` (the test protocol's plain upsampling) or ``guided``; a guided evaluation
+            also masks the images plainly (into ``<out>/predictions-plain``) and keeps those figures
+            in ``plain_metrics``, to be printed beside its own.
 
     Returns:
         The :class:`Evaluation`.
     """
-    pred_dir = storage.join(out, "predictions")
-    masks = _predict_masks(weights, [p.image for p in pairs], pred_dir=pred_dir, image_size=image_size,
-                           batch_size=batch_size, precision=precision)
-    matching = _match_masks(pairs, masks, pred_dir)
-    return evaluate_matching(matching, dataset=dataset, predictions=pred_dir, checkpoint=weights,
-                             blocks=blocks)
+    def run(pred_dir: str, how: str) -> Evaluation:
+        masks = _predict_masks(weights, [p.image for p in pairs], pred_dir=pred_dir, image_size=image_size,
+                               batch_size=batch_size, precision=precision, refine=how)
+        return evaluate_matching(_match_masks(pairs, masks, pred_dir), dataset=dataset, predictions=pred_dir,
+                                 checkpoint=weights, blocks=blocks)
+
+    evaluation = run(storage.join(out, "predictions"), refine)
+    evaluation.refine = refine
+    if refine != "none":
+        evaluation.plain_metrics = run(storage.join(out, "predictions-plain"), "none").metrics()
+    return evaluation
 
 
 def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig) -> Evaluation:

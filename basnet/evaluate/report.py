@@ -43,15 +43,26 @@ REPORT_FILES = ("metrics.json", "metrics.md", "per_image.parquet", "pr_curve.png
 _COLUMNS = ("image", "ground truth", "prediction", "error: +red -cyan")
 
 
-def metrics_table(metrics: dict[str, float], *, label: str = "this run") -> str:
-    """A markdown table of ``metrics`` above the paper's BASNet DUTS-TE row (3 decimals, as papers)."""
+def metrics_table(metrics: dict[str, float], *, label: str = "this run",
+                  others: dict[str, dict[str, float]] | None = None) -> str:
+    """A markdown table of ``metrics`` (and ``others``: label -> metrics, below it) above the paper's
+    BASNet DUTS-TE row (3 decimals, as papers)."""
     header = "| | " + " | ".join(title for title, _ in TABLE_COLUMNS) + " |"
     rule = "|---|" + "---:|" * len(TABLE_COLUMNS)
-    ours = f"| {label} | " + " | ".join(f"{metrics[key]:.3f}" for _, key in TABLE_COLUMNS) + " |"
+    rows = [f"| {name} | " + " | ".join(f"{values[key]:.3f}" for _, key in TABLE_COLUMNS) + " |"
+            for name, values in {label: metrics, **(others or {})}.items()]
     paper_values = (f"{PAPER_BASNET_DUTS_TE[key]:.3f}" if key in PAPER_BASNET_DUTS_TE else "-"
                     for _, key in TABLE_COLUMNS)
     paper = "| BASNet, paper (DUTS-TE) | " + " | ".join(paper_values) + " |"
-    return "\n".join((header, rule, ours, paper))
+    return "\n".join((header, rule, *rows, paper))
+
+
+def _table(evaluation: Evaluation) -> str:
+    """This evaluation's table; a guided one has the plain path's row beneath its own."""
+    if evaluation.plain_metrics is None:
+        return metrics_table(evaluation.metrics())
+    return metrics_table(evaluation.metrics(), label=f"refine {evaluation.refine}",
+                         others={"refine none (plain)": evaluation.plain_metrics})
 
 
 def _counts_line(evaluation: Evaluation) -> str:
@@ -69,13 +80,14 @@ def metrics_document(evaluation: Evaluation) -> dict:
             "counts": evaluation.counts(), "preds_without_gt": matching.preds_without_gt,
             "gt_without_pred": matching.gt_without_pred, "resized": scores.resized,
             "unreadable": scores.unreadable, "parallel_tasks": len(scores.tasks),
+            "refine": evaluation.refine, "plain_metrics": evaluation.plain_metrics,
             "paper": {"name": "BASNet (Qin et al., CVPR 2019) on DUTS-TE", **PAPER_BASNET_DUTS_TE}}
 
 
 def _markdown(evaluation: Evaluation) -> str:
     lines = [f"# Evaluation of {evaluation.checkpoint or evaluation.predictions}", "",
              f"- data: `{evaluation.dataset}`", f"- predictions: `{evaluation.predictions}`",
-             f"- {_counts_line(evaluation)}", "", metrics_table(evaluation.metrics()), "",
+             f"- {_counts_line(evaluation)}", "", _table(evaluation), "",
              "F-measures use beta^2 = 0.3 over 256 thresholds; relaxFb binarises at 0.5 with a 3 px "
              "slack; all at each ground truth's original size.", ""]
     return "\n".join(lines)
@@ -85,7 +97,7 @@ def summary_text(evaluation: Evaluation, out: str) -> str:
     """What a job prints at the end: where the report went, the counts, then the table (last)."""
     return "\n".join((f"evaluated {evaluation.checkpoint or evaluation.predictions} on {evaluation.dataset}",
                       _counts_line(evaluation), f"report: {out} ({', '.join(REPORT_FILES)})", "",
-                      metrics_table(evaluation.metrics())))
+                      _table(evaluation)))
 
 
 def _figure():

@@ -64,6 +64,8 @@ class Evaluation:
     dataset: str
     predictions: str
     checkpoint: str | None = None
+    refine: str = "none"  # how the masks were taken to full size (with --weights)
+    plain_metrics: dict[str, float] | None = None  # with --refine guided: the plain path's, for comparison
 
     def metrics(self) -> dict[str, float]:
         """``SODMetrics.compute()`` of the scored images."""

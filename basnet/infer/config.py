@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from basnet.config import PRECISIONS, check_options, option
 from basnet.errors import ConfigError
-from basnet.imaging import DEFAULT_MAX_PIXELS, ENCODINGS, FORMATS, SUFFIXES
+from basnet.imaging import DEFAULT_MAX_PIXELS, ENCODINGS, FORMATS, REFINES, SUFFIXES, default_refine
 from basnet.watchdog import DEFAULT_STALL_TIMEOUT_S
 
 __all__ = ["InferConfig", "FORMATS", "RUNTIMES", "cpu_batch_size", "is_onnx", "torch_instead"]
@@ -30,6 +30,11 @@ class InferConfig:
     format: str = option("mask", "mask: 8-bit soft saliency; binary: 0/255 at --threshold; "
                                "rgba: the image with the mask as alpha", choices=FORMATS)
     threshold: float = option(0.5, "saliency threshold in [0, 1] for --format binary", within=(0, 1))
+    refine: str | None = option(None, "how the model's map reaches full size: none (plain bilinear, the test "
+                                      "protocol's) or guided (the photo guides the edges; a cut-out also gets its "
+                                      "edge colours re-estimated, so no old background shows) (default: guided for "
+                                      "--format rgba, none for mask and binary; see docs/infer.md)",
+                                choices=REFINES)
     encoding: str = option("png", "how outputs are written, all lossless: png (fast compression), png-small "
                                   "(the smallest PNG, about 4x slower), webp (lossless WebP, --format rgba only: "
                                   "a 12 MP cut-out in half the time of png, 27 percent smaller)", choices=ENCODINGS)
@@ -113,6 +118,14 @@ class InferConfig:
         if missing and not self.dry_run:  # a dry run loads no model
             raise ConfigError(f"--runtime onnxruntime needs {' and '.join(missing)}: "
                               f"pip install 'basnet-ray[onnx]' (on every node), or {other}")
+
+    def resolved_refine(self) -> str:
+        """``--refine``, or its default for ``--format``."""
+        return self.refine or default_refine(self.format)
+
+    def needs_source(self) -> bool:
+        """Whether the writer needs each image's bytes again (a cut-out, or a photo-guided map)."""
+        return self.format == "rgba" or self.resolved_refine() == "guided"
 
     def output_suffix(self) -> str:
         """The outputs' suffix: ``.png``, or ``.webp`` for WebP cut-outs."""

@@ -264,13 +264,13 @@ def build_dataset(plan: InferPlan, units: list[dict], weights_ref: ray.ObjectRef
         actor_args["resources"] = cfg.resources("actor_resources")
     ds = _listed(plan, units).map_batches(decode_batch, fn_kwargs={
         "size": cfg.image_size, "max_pixels": cfg.max_pixels, "reduced": not cfg.full_decode,
-        "keep_bytes": cfg.format == "rgba", "overwrite": cfg.overwrite, "suffix": cfg.output_suffix(),
+        "keep_bytes": cfg.needs_source(), "overwrite": cfg.overwrite, "suffix": cfg.output_suffix(),
         "batch_size": cfg.task_batch_size},
         compute=ray.data.TaskPoolStrategy(size=_task_pools(cfg)[1]), **task_args)
     options = {"precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile,
                "runtime": cfg.runtime}
     write = {"fmt": cfg.format, "threshold": cfg.threshold, "size": cfg.image_size, "encoding": cfg.encoding,
-             "max_pixels": cfg.max_pixels}
+             "max_pixels": cfg.max_pixels, "refine": cfg.resolved_refine()}
     in_actor = _write_in_actor(cfg)
     ds.set_name(DATASET_NAME)
     ds = ds.map_batches(_PredictorActor, fn_constructor_kwargs={

@@ -126,9 +126,9 @@ def decode_batch(batch: dict[str, np.ndarray], *, size: int, max_pixels: int, ke
 
     Each image is decoded for the model (reduced, for a large JPEG, unless ``reduced`` is off) and
     resized to ``size``; its original size (after EXIF rotation) is kept for the way back. Image
-    bytes travel on only for ``--format rgba`` (``keep_bytes``). Rows the listing settled (``kind``
-    empty: skipped, refused, not images) pass through untouched. ``suffix``: the outputs' (a shard's
-    members are named here).
+    bytes travel on only for ``--format rgba`` and ``--refine guided`` (``keep_bytes``). Rows the
+    listing settled (``kind`` empty: skipped, refused, not images) pass through untouched.
+    ``suffix``: the outputs' (a shard's members are named here).
     """
     out = _Rows(batch_size)
     opts = {"size": size, "max_pixels": max_pixels, "reduced": reduced, "keep_bytes": keep_bytes}
@@ -147,7 +147,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, size: int, max_pixels: int, ke
 
 
 def write_batch(batch: dict[str, np.ndarray], *, fmt: str, threshold: float, size: int, encoding: str = "png",
-                max_pixels: int | None = None) -> dict[str, np.ndarray]:
+                max_pixels: int | None = None, refine: str = "none") -> dict[str, np.ndarray]:
     """Stage 3: renders each pending row's output at its image's size, encodes it in ``encoding`` and
     writes it atomically; returns the manifest's columns."""
     status = np.array(batch["status"], dtype=object)
@@ -159,7 +159,7 @@ def write_batch(batch: dict[str, np.ndarray], *, fmt: str, threshold: float, siz
             prob = np.frombuffer(batch["prob"][i], dtype=np.float32).reshape(size, size)
             encoded = render_output(prob, int(batch["height"][i]), int(batch["width"][i]), fmt=fmt,
                                     threshold=threshold, source=batch["data"][i], encoding=encoding,
-                                    max_pixels=max_pixels)
+                                    max_pixels=max_pixels, refine=refine)
             encode_s[i] = time.perf_counter() - start
             storage.write_bytes(str(batch["output"][i]), encoded)
             status[i] = WRITTEN

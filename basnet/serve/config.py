@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from basnet import storage
 from basnet.config import PRECISIONS, check_options, option
 from basnet.errors import ConfigError, UsageError
-from basnet.imaging import DEFAULT_MAX_PIXELS, FORMATS
+from basnet.imaging import DEFAULT_MAX_PIXELS, FORMATS, REFINES
 
 __all__ = ["ServeConfig", "AUTO"]
 
@@ -27,6 +27,9 @@ class ServeConfig:
                                "binary (0/255 at the threshold) or rgba (the image with the mask as alpha)",
                          choices=FORMATS)
     threshold: float = option(0.5, "the default ?threshold= for binary masks, in [0, 1]", within=(0, 1))
+    refine: str | None = option(None, "the default ?refine=: none (plain bilinear upsampling) or guided (the photo "
+                                      "guides the edges; cut-outs get re-estimated edge colours) (default: guided "
+                                      "for rgba, none for mask and binary, as the bulk job)", choices=REFINES)
     image_size: int | None = option(None, "model input side, a multiple of 32 (default: the checkpoint's "
                                         "training size; 256 for published weights)", multiple_of=32)
     precision: str = option("auto", "auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU; "

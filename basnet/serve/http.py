@@ -1,7 +1,8 @@
 """The masking API's requests and answers, as plain functions (no Ray, no web framework, no torch).
 
 ``POST /mask`` takes the image as the raw body or as the ``file`` field of a multipart form, with
-``?format=`` and ``?threshold=`` as the bulk job's ``--format`` and ``--threshold``. Every problem a
+``?format=``, ``?threshold=`` and ``?refine=`` as the bulk job's ``--format``, ``--threshold`` and
+``--refine``. Every problem a
 request can have becomes a ``RequestError`` with its HTTP status and a one-line message naming the
 fix, answered as JSON ``{"error": ...}``: 400 for bytes that do not decode and for bad parameters,
 413 above ``--max-bytes`` or ``--max-pixels``, 415 for a body that says it is not an image. A
@@ -13,18 +14,19 @@ from __future__ import annotations
 
 import email.policy
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from email.parser import BytesParser
-from collections.abc import Mapping
 
 import numpy as np
 
-from basnet.imaging import FORMATS, ImageDecodeError, ImageTooLargeError, decode_for_model
+from basnet.imaging import FORMATS, REFINES, ImageDecodeError, ImageTooLargeError, decode_for_model
+from basnet.imaging import default_refine as format_default_refine
 
 __all__ = ["RequestError", "MaskRequest", "Upload", "mask_options", "read_upload", "decode_upload", "error_json",
            "OPTIONS"]
 
-OPTIONS = ("format", "threshold")  # the query parameters of POST /mask
+OPTIONS = ("format", "threshold", "refine")  # the query parameters of POST /mask
 # Besides image/*: untyped bytes, a form, and curl's default for --data-binary (the bytes as they are).
 _IMAGE_TYPES = ("application/octet-stream", "multipart/form-data", "application/x-www-form-urlencoded")
 _SEND = "send the image's bytes as the body (image/jpeg, image/png, ...) or as a multipart form's 'file' field"
@@ -44,6 +46,7 @@ class MaskRequest:
 
     format: str
     threshold: float
+    refine: str = "none"
 
 
 @dataclass
@@ -61,12 +64,13 @@ def error_json(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
-def mask_options(query: Mapping[str, str], *, default_format: str = "mask",
-                 default_threshold: float = 0.5) -> MaskRequest:
-    """``?format=`` and ``?threshold=`` checked as the bulk job checks its flags."""
+def mask_options(query: Mapping[str, str], *, default_format: str = "mask", default_threshold: float = 0.5,
+                 default_refine: str | None = None) -> MaskRequest:
+    """``?format=``, ``?threshold=`` and ``?refine=`` checked as the bulk job checks its flags.
+    ``default_refine``: the service's ``--refine`` (None: the format's default, as in the bulk job)."""
     unknown = sorted(set(query) - set(OPTIONS))
     if unknown:
-        raise RequestError(400, f"unknown parameter {unknown[0]!r}: POST /mask takes {' and '.join(OPTIONS)}")
+        raise RequestError(400, f"unknown parameter {unknown[0]!r}: POST /mask takes {', '.join(OPTIONS)}")
     fmt = query.get("format", default_format)
     if fmt not in FORMATS:
         raise RequestError(400, f"format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -79,7 +83,10 @@ def mask_options(query: Mapping[str, str], *, default_format: str = "mask",
             threshold = float("nan")
         if not 0.0 <= threshold <= 1.0:  # NaN fails too
             raise RequestError(400, f"threshold {text!r} is not a number in [0, 1]")
-    return MaskRequest(fmt, threshold)
+    refine = query.get("refine", default_refine or format_default_refine(fmt))
+    if refine not in REFINES:
+        raise RequestError(400, f"refine {refine!r} is not one of {', '.join(REFINES)}")
+    return MaskRequest(fmt, threshold, refine)
 
 
 def _media_type(content_type: str) -> str:

@@ -31,7 +31,7 @@ from starlette.responses import Response
 
 from basnet.config import from_dict, option_type
 from basnet.errors import UsageError
-from basnet.imaging import FORMATS, render_output
+from basnet.imaging import FORMATS, REFINES, render_output
 from basnet.infer.config import cpu_batch_size
 from basnet.serve.config import ServeConfig
 from basnet.serve.http import RequestError, decode_upload, error_json, mask_options, read_upload
@@ -151,7 +151,8 @@ class Masker:
             "weights": cfg.weights, "image_size": self.size, "precision": self.predictor.precision.name,
             "device": device, "threads": self.threads, "replicas": await self._replicas(),
             "max_batch_size": self.max_batch_size, "batch_wait_ms": cfg.batch_wait_ms, "formats": list(FORMATS),
-            "default_format": cfg.format, "default_threshold": cfg.threshold, "max_bytes": cfg.max_bytes,
+            "default_format": cfg.format, "default_threshold": cfg.threshold, "refines": list(REFINES),
+            "default_refine": cfg.refine or "by format (guided for rgba, else none)", "max_bytes": cfg.max_bytes,
             "max_pixels": cfg.max_pixels,
             "replica": {"pid": os.getpid(), "rss_bytes": _rss_bytes(), "uptime_s": round(time.time() - self.started, 1),
                         **self.stats},
@@ -176,7 +177,7 @@ class Masker:
         self.stats["requests"] += 1
         try:
             options = mask_options(request.query_params, default_format=self.cfg.format,
-                                   default_threshold=self.cfg.threshold)
+                                   default_threshold=self.cfg.threshold, default_refine=self.cfg.refine)
             content_type = request.headers.get("content-type", "")
             body = await self._body(request, multipart=content_type.lower().startswith("multipart/"))
             data, filename = await asyncio.to_thread(read_upload, body, content_type)  # a form's parse can be slow
@@ -187,7 +188,7 @@ class Masker:
             prob = await self.predict(upload.image)
             png = await asyncio.to_thread(render_output, prob, upload.height, upload.width, fmt=options.format,
                                           threshold=options.threshold, source=upload.data,
-                                          max_pixels=self.cfg.max_pixels)
+                                          max_pixels=self.cfg.max_pixels, refine=options.refine)
         except RequestError as exc:
             self.stats["refused"] += 1
             return _error(exc)

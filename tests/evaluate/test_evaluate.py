@@ -264,20 +264,28 @@ def random_weights(tmp_path_factory) -> str:
 
 
 @pytest.mark.ray
-def test_weights_mode_predicts_then_scores_end_to_end(ray_session, random_weights, tmp_path, capsys):
-    data = generate_sample(str(tmp_path / "data"), n_train=2, n_test=3, size=(32, 32), seed=5)
+def test_weights_mode_predicts_then_scores_end_to_end_and_guided_refinement_beside_plain(
+        ray_session, random_weights, tmp_path, capsys):
+    data = generate_sample(str(tmp_path / "data"), n_train=2, n_test=3, size=(48, 64), seed=5)
     out = tmp_path / "eval"
     argv = ["--weights", random_weights, "--data", data, "--out", str(out), "--image-size", "32",
-            "--sheet-rows", "2"]
+            "--sheet-rows", "2", "--refine", "guided"]
     assert evaluate_job.main(argv) == 0
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["checkpoint"] == random_weights and doc["counts"]["images"] == 3
-    assert set(doc["metrics"]) == set(METRIC_KEYS)
+    assert set(doc["metrics"]) == set(METRIC_KEYS) == set(doc["plain_metrics"]) and doc["refine"] == "guided"
+    assert doc["metrics"] != doc["plain_metrics"]
+    differ = []
     for mask in sorted(Path(data, "DUTS-TE/DUTS-TE-Mask").glob("*.png")):
-        assert _load(out / "predictions" / mask.name).shape == _load(mask).shape  # original size
+        guided, plain = _load(out / "predictions" / mask.name), _load(out / "predictions-plain" / mask.name)
+        assert guided.shape == plain.shape == _load(mask).shape  # original size
+        differ.append(not np.array_equal(guided, plain))
+    assert any(differ)
     with Image.open(out / "best.png") as img:
         assert img.size == sheet_size(2)
-    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("| BASNet, paper (DUTS-TE) |")
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    assert lines[-3].startswith("| refine guided | ") and lines[-2].startswith("| refine none (plain) | ")
+    assert lines[-1].startswith("| BASNet, paper (DUTS-TE) |")
 
 
 @pytest.mark.ray

@@ -176,22 +176,28 @@ def test_healthz_and_info_describe_the_service(server, weights):
     assert server.url in server.banner
 
 
-def test_served_masks_equal_the_bulk_jobs_byte_for_byte_in_every_format(ray_session, server, held_out, weights,
-                                                                       sample_root, tmp_path):
+def test_served_masks_equal_the_bulk_jobs_byte_for_byte_in_every_format_and_refinement(
+        ray_session, server, held_out, weights, sample_root, tmp_path):
     """Sequential requests are batches of one, so the bulk job runs with --batch-size 1: the same
-    model call on the same pixels (batches of other sizes can differ by 1e-6 before rounding)."""
+    model call on the same pixels (batches of other sizes can differ by 1e-6 before rounding).
+    Every format, and both refinements: plain masks, guided binary masks, and cut-outs with their
+    default (guided, with estimated foreground colours), each asked with and without ?refine=."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     for name, data in held_out.items():
         (inputs / name).write_bytes(data)
-    for fmt in FORMATS:
+    for fmt, refine in zip(FORMATS, ("none", "guided", None)):
         out = tmp_path / fmt
         run_inference(InferConfig(input=str(inputs), output=str(out), weights=weights, image_size=SIZE,
-                                  batch_size=1, format=fmt, threshold=0.4))
+                                  batch_size=1, format=fmt, threshold=0.4, refine=refine))
+        asked = f"&refine={refine}" if refine else ""
         for name, data in held_out.items():
-            status, kind, body = server.post(data, f"?format={fmt}&threshold=0.4")
+            status, kind, body = server.post(data, f"?format={fmt}&threshold=0.4{asked}")
             assert (status, kind) == (200, "image/png"), body[:300]
-            assert body == (out / (Path(name).stem + ".png")).read_bytes(), (fmt, name)
+            assert body == (out / (Path(name).stem + ".png")).read_bytes(), (fmt, refine, name)
+        if refine is None:  # the default is the guided path
+            assert body == server.post(data, f"?format={fmt}&refine=guided")[2]
+            assert body != server.post(data, f"?format={fmt}&refine=none")[2]
     rotated = png(server.post(held_out["exif.jpg"])[2])
     assert rotated.shape == (40, 24)  # the displayed size, after EXIF orientation
 
@@ -227,6 +233,7 @@ def test_bad_inputs_get_their_status_and_json_while_valid_requests_in_the_same_b
         "too many bytes": (os.urandom(MAX_BYTES + 1), "", "image/jpeg", 413, "above --max-bytes"),
         "bad format": (jpeg, "?format=jpeg", "image/jpeg", 400, "format 'jpeg' is not one of mask, binary, rgba"),
         "bad threshold": (jpeg, "?format=binary&threshold=1.5", "image/jpeg", 400, "threshold '1.5'"),
+        "bad refine": (jpeg, "?refine=matting", "image/jpeg", 400, "refine 'matting' is not one of none, guided"),
         "unknown parameter": (jpeg, "?size=10", "image/jpeg", 400, "unknown parameter 'size'"),
     }
     valid = list(held_out.values())[:4]

@@ -44,10 +44,14 @@ def test_the_serve_config_file_is_valid_and_its_builder_builds_the_app(weights):
 
 
 def test_mask_options_take_the_defaults_and_refuse_bad_values():
-    assert mask_options({}, default_format="rgba", default_threshold=0.3) == MaskRequest("rgba", 0.3)
-    assert mask_options({"format": "binary", "threshold": "0"}) == MaskRequest("binary", 0.0)
+    # Refinement as in the bulk job: guided for cut-outs and plain for masks unless asked or set.
+    assert mask_options({}, default_format="rgba", default_threshold=0.3) == MaskRequest("rgba", 0.3, "guided")
+    assert mask_options({"format": "binary", "threshold": "0"}) == MaskRequest("binary", 0.0, "none")
+    assert mask_options({"refine": "guided"}) == MaskRequest("mask", 0.5, "guided")
+    assert mask_options({"format": "rgba"}, default_refine="none") == MaskRequest("rgba", 0.5, "none")
     for query, words in (({"format": "MASK"}, "format 'MASK'"), ({"threshold": "nan"}, "threshold 'nan'"),
-                         ({"threshold": "-0.1"}, "threshold '-0.1'"), ({"q": "1"}, "unknown parameter 'q'")):
+                         ({"threshold": "-0.1"}, "threshold '-0.1'"), ({"q": "1"}, "unknown parameter 'q'"),
+                         ({"refine": "Guided"}, "refine 'Guided' is not one of none, guided")):
         with pytest.raises(RequestError, match=words) as err:
             mask_options(query)
         assert err.value.status == 400
