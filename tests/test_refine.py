@@ -72,6 +72,7 @@ def test_estimated_foreground_takes_the_old_background_out_of_edge_pixels_only()
 def test_foreground_estimated_in_strips_equals_the_estimate_in_one_piece(monkeypatch):
     photo, alpha, _ = composite(200, 96, seed=1)
     alpha8 = np.clip(np.rint(alpha * 255), 0, 255).astype(np.uint8)
+    monkeypatch.setattr(refine_module, "_NARROW", 1 / 25)  # a halo of 8 rows, wider than a strip
     whole = estimate_foreground(photo, alpha8)
     monkeypatch.setattr(refine_module, "_STRIP", 7)  # many strips, each with the narrow blur's halo
     assert np.array_equal(estimate_foreground(photo, alpha8), whole)
@@ -99,3 +100,5 @@ def test_rendered_outputs_with_guided_refinement_share_one_alpha(tmp_path):
     assert [default_refine(f) for f in ("mask", "binary", "rgba")] == ["none", "none", "guided"]
     with pytest.raises(ValueError, match="unknown refine"):
         render("mask", "matting")
+    with pytest.raises(ValueError, match="needs the image's bytes"):
+        render_output(prob, 60, 80, fmt="mask", refine="guided")

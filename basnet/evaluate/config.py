@@ -60,6 +60,8 @@ class EvalConfig:
         if not pred_mode and not weights_mode:
             raise ConfigError("nothing to evaluate: pass --pred DIR --gt DIR, or --weights SOURCE --data DIR")
         self.check()
+        if pred_mode and self.refine != "none":
+            raise ConfigError("--refine is for --weights (the masks of --pred are scored as they are): drop it")
         return "pred" if pred_mode else "weights"
 
     def check(self) -> None:

@@ -64,7 +64,7 @@ class Evaluation:
     dataset: str
     predictions: str
     checkpoint: str | None = None
-    refine: str = "none"  # how the masks were taken to full size (with --weights)
+    refine: str | None = None  # how the masks were taken to full size (known with --weights only)
     plain_metrics: dict[str, float] | None = None  # with --refine guided: the plain path's, for comparison
 
     def metrics(self) -> dict[str, float]:

@@ -106,10 +106,12 @@ def render_output(prob: np.ndarray, height: int, width: int, *, fmt: str, thresh
 
 def _render_guided(prob: np.ndarray, height: int, width: int, *, fmt: str, threshold: float, source: bytes,
                    encoding: str, max_pixels: int | None) -> bytes:
+    if not source:
+        raise ValueError("refine guided needs the image's bytes (source) as its guide")
     photo = np.asarray(_photo(source, max_pixels, height, width))
     alpha = refine_mask(np.asarray(prob, np.float32), photo, np.asarray(upsample(prob, height, width)))
     if fmt == "mask":
         return encode(alpha, encoding)
-    if fmt == "binary":
+    if fmt == "binary":  # the refined 8-bit alpha at the threshold (the plain path compares floats up to 0.5 MP)
         return encode(np.where(alpha >= threshold * 255.0, 255, 0).astype(np.uint8), encoding)
     return encode(np.dstack([estimate_foreground(photo, alpha), alpha]), encoding)

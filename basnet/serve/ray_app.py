@@ -31,7 +31,7 @@ from starlette.responses import Response
 
 from basnet.config import from_dict, option_type
 from basnet.errors import UsageError
-from basnet.imaging import FORMATS, REFINES, render_output
+from basnet.imaging import FORMATS, REFINES, default_refine, render_output
 from basnet.infer.config import cpu_batch_size
 from basnet.serve.config import ServeConfig
 from basnet.serve.http import RequestError, decode_upload, error_json, mask_options, read_upload
@@ -152,7 +152,7 @@ class Masker:
             "device": device, "threads": self.threads, "replicas": await self._replicas(),
             "max_batch_size": self.max_batch_size, "batch_wait_ms": cfg.batch_wait_ms, "formats": list(FORMATS),
             "default_format": cfg.format, "default_threshold": cfg.threshold, "refines": list(REFINES),
-            "default_refine": cfg.refine or "by format (guided for rgba, else none)", "max_bytes": cfg.max_bytes,
+            "default_refine": {f: cfg.refine or default_refine(f) for f in FORMATS}, "max_bytes": cfg.max_bytes,
             "max_pixels": cfg.max_pixels,
             "replica": {"pid": os.getpid(), "rss_bytes": _rss_bytes(), "uptime_s": round(time.time() - self.started, 1),
                         **self.stats},

@@ -317,6 +317,7 @@ def test_evaluate_checkpoint_scores_the_sample_held_out_images_and_ends_with_the
     (["--pred", "/no/such/preds", "--gt", "/no/such/gt"], "--pred /no/such/preds does not exist"),
     (["--weights", "/no/such.pth", "--data", "sample"], "checkpoint not found: /no/such.pth"),
     (["--pred", "x", "--gt", "y", "--sheet-rows", "0"], "--sheet-rows must be positive"),
+    (["--pred", "x", "--gt", "y", "--refine", "guided"], "--refine is for --weights"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     assert evaluate_job.main(argv) == 2

@@ -169,6 +169,7 @@ def test_healthz_and_info_describe_the_service(server, weights):
     info = server.info()
     assert {k: info[k] for k in ("weights", "image_size", "replicas", "max_batch_size")} == {
         "weights": weights, "image_size": SIZE, "replicas": 1, "max_batch_size": 4}
+    assert info["default_refine"] == {"mask": "none", "binary": "none", "rgba": "guided"}
     # on CPU: fp32, and the replica's CPUs (all of this machine's, as the banner says) as its threads
     assert (info["device"], info["precision"]) == ("cpu", "fp32")
     assert f"{info['threads']} CPU and 0 GPU each" in server.banner
@@ -181,7 +182,8 @@ def test_served_masks_equal_the_bulk_jobs_byte_for_byte_in_every_format_and_refi
     """Sequential requests are batches of one, so the bulk job runs with --batch-size 1: the same
     model call on the same pixels (batches of other sizes can differ by 1e-6 before rounding).
     Every format, and both refinements: plain masks, guided binary masks, and cut-outs with their
-    default (guided, with estimated foreground colours), each asked with and without ?refine=."""
+    default (guided, with estimated foreground colours; asked without ?refine=, then checked to be
+    what ?refine=guided gives and not what ?refine=none gives)."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     for name, data in held_out.items():
