@@ -139,14 +139,16 @@ def _blur(x: np.ndarray, radius: int) -> np.ndarray:
     return cv2.blur(x, (2 * radius + 1, 2 * radius + 1), borderType=cv2.BORDER_REFLECT)
 
 
-def _fuse(colour: np.ndarray, alpha: np.ndarray, fg: np.ndarray, bg: np.ndarray, radius: int):
-    """One blur-fusion pass: alpha-weighted local means of ``fg`` and ``bg``, and the foreground with
-    the pixel's residual against them. Float32 arrays, colours (h, w, 3), alpha (h, w, 1)."""
+def _local_means(alpha: np.ndarray, fg: np.ndarray, bg: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blur fusion's alpha-weighted local means of ``fg`` and ``bg``. Float32 arrays, colours
+    (h, w, 3), alpha (h, w, 1)."""
     mean_a = _blur(alpha[..., 0], radius)[..., None]
-    fg_mean = _blur(fg * alpha, radius) / (mean_a + 1e-5)
-    bg_mean = _blur(bg * (1 - alpha), radius) / (1 - mean_a + 1e-5)
-    fg = fg_mean + alpha * (colour - alpha * fg_mean - (1 - alpha) * bg_mean)
-    return np.clip(fg, 0, 1), bg_mean
+    return _blur(fg * alpha, radius) / (mean_a + 1e-5), _blur(bg * (1 - alpha), radius) / (1 - mean_a + 1e-5)
+
+
+def _with_residual(colour: np.ndarray, alpha: np.ndarray, fg_mean: np.ndarray, bg_mean: np.ndarray) -> np.ndarray:
+    """The foreground: its local mean plus the pixel's residual against both means, in [0, 1]."""
+    return np.clip(fg_mean + alpha * (colour - alpha * fg_mean - (1 - alpha) * bg_mean), 0, 1)
 
 
 def _window_upsampled(small: np.ndarray, height: int, width: int, rows: slice, cols: slice) -> np.ndarray:
@@ -183,8 +185,7 @@ def estimate_foreground(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     colour_s = cv2.resize(image, small_size, interpolation=cv2.INTER_AREA).astype(np.float32) / 255
     alpha_s = (cv2.resize(alpha, small_size, interpolation=cv2.INTER_AREA).astype(np.float32) / 255)[..., None]
     wide = max(1, round(long_side * _WIDE * scale))
-    fg_mean_s = _blur(colour_s * alpha_s, wide) / (_blur(alpha_s[..., 0], wide)[..., None] + 1e-5)
-    bg_mean_s = _blur(colour_s * (1 - alpha_s), wide) / (1 - _blur(alpha_s[..., 0], wide)[..., None] + 1e-5)
+    fg_mean_s, bg_mean_s = _local_means(alpha_s, colour_s, colour_s, wide)
     narrow = max(1, round(long_side * _NARROW))
     for start in range(int(rows[0]), int(rows[-1]) + 1, _STRIP):
         stop = min(start + _STRIP, int(rows[-1]) + 1)
@@ -200,8 +201,8 @@ def estimate_foreground(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
         a = (alpha[window].astype(np.float32) / 255)[..., None]
         fg_mean = _window_upsampled(fg_mean_s, height, width, *window)
         bg_mean = _window_upsampled(bg_mean_s, height, width, *window)
-        fg = np.clip(fg_mean + a * (colour - a * fg_mean - (1 - a) * bg_mean), 0, 1)  # the wide pass's result
-        fg, _ = _fuse(colour, a, fg, bg_mean, narrow)
+        fg = _with_residual(colour, a, fg_mean, bg_mean)  # the wide pass's result
+        fg = _with_residual(colour, a, *_local_means(a, fg, bg_mean, narrow))  # the narrow pass
         inner = (slice(start - top, stop - top), slice(0, right - left))
         target = out[start:stop, left:right]
         mask = partial[start:stop, left:right]
