@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from basnet import storage
+from basnet.data.sample import ensure_sample
 from basnet.errors import DataError
 from basnet.imaging import IMAGE_SUFFIXES
 
@@ -250,7 +251,5 @@ def evaluation_pairs(
 def training_split(data: str | None, *, skip_unpaired: bool = False, val_fraction: float = 0.1,
                    seed: int = 0) -> Split:
     """:func:`discover` on ``data``, or on the embedded sample (generated once) when ``data`` is None."""
-    from basnet.data.sample import ensure_sample
-
     root = data if data is not None else ensure_sample()
     return discover(root, skip_unpaired=skip_unpaired, val_fraction=val_fraction, seed=seed)
