@@ -28,6 +28,10 @@ os.environ.update({
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
+    # Plain request bodies instead of the SDKs' default aws-chunked ones with a checksum trailer:
+    # moto's server decodes those by concatenating bytes chunk by chunk, which made a 1 GB
+    # checkpoint's upload 13.0 s instead of 7.1 s here. The project's code is the same either way.
+    "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED",
     "RAY_DATA_LOG_LEVEL": "WARNING",
 })
 os.environ.pop("RAY_ADDRESS", None)  # never join a cluster the developer happens to run
