@@ -190,6 +190,7 @@ def test_bf16_on_two_workers_and_s3_checkpoints_every_epoch_resumes_into_its_mlf
 
     assert dict(metric("epoch/val_mae")) == pytest.approx({r["epoch"]: r["val_mae"] for r in history})
     assert [step for step, _ in metric("epoch/train_loss")] == [1]  # epoch 0 trained nothing
+    assert [value for _, value in metric("epoch/lr")] == pytest.approx([1e-3] * 2)
     # The steps of epoch 1 (first run) and epoch 2 (second run) follow on, each once, as many each.
     logged = collections.Counter(step for step, _ in metric("step/loss"))
     steps = sorted(logged)
