@@ -1,7 +1,8 @@
 """A small client for the masking service (standard library only): ``mask(url, image) -> PNG bytes``.
 
-    from basnet.client import mask
+    from basnet.client import mask, mask_with_quality
     png = mask("http://127.0.0.1:8000", "photo.jpg", format="rgba")
+    png, quality = mask_with_quality("http://127.0.0.1:8000", "photo.jpg")  # {"confidence": 0.93, "no_object": False}
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-__all__ = ["mask", "MaskingError"]
+__all__ = ["mask", "mask_with_quality", "MaskingError"]
 
 
 class MaskingError(RuntimeError):
@@ -31,7 +32,8 @@ def _endpoint(url: str, options: dict) -> str:
 
 
 def mask(url: str, image: str | os.PathLike | bytes, *, format: str | None = None, threshold: float | None = None,
-         refine: str | None = None, timeout: float = 300.0) -> bytes:
+         refine: str | None = None, normalize: str | None = None, on_no_object: str | None = None,
+         timeout: float = 300.0) -> bytes:
     """The PNG the service at ``url`` returns for ``image`` (a path or the file's bytes).
 
     Args:
@@ -40,11 +42,22 @@ def mask(url: str, image: str | os.PathLike | bytes, *, format: str | None = Non
         format: ``mask``, ``binary`` or ``rgba`` (default: the service's).
         threshold: The binary threshold in [0, 1] (default: the service's).
         refine: ``none`` or ``guided`` (default: the service's).
+        normalize: ``minmax`` or ``none`` (default: the service's).
+        on_no_object: ``keep`` or ``empty`` (default: the service's).
         timeout: Seconds to wait for the answer.
 
     Raises:
         MaskingError: The service answered with an error (its status and message) or could not be reached.
     """
+    return mask_with_quality(url, image, format=format, threshold=threshold, refine=refine, normalize=normalize,
+                             on_no_object=on_no_object, timeout=timeout)[0]
+
+
+def mask_with_quality(url: str, image: str | os.PathLike | bytes, *, format: str | None = None,
+                      threshold: float | None = None, refine: str | None = None, normalize: str | None = None,
+                      on_no_object: str | None = None, timeout: float = 300.0) -> tuple[bytes, dict]:
+    """:func:`mask`'s PNG and how sure the model was of it: ``{"confidence": float, "no_object": bool}``
+    (the bulk job's manifest figures, from the answer's headers)."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         data, kind = bytes(image), "application/octet-stream"
     else:
@@ -52,12 +65,16 @@ def mask(url: str, image: str | os.PathLike | bytes, *, format: str | None = Non
             data = f.read()
         guessed = mimetypes.guess_type(os.fspath(image))[0] or ""
         kind = guessed if guessed.startswith("image/") else "application/octet-stream"  # the service decodes it
-    options = {"format": format, "threshold": threshold, "refine": refine}
+    options = {"format": format, "threshold": threshold, "refine": refine, "normalize": normalize,
+               "on_no_object": on_no_object}
     request = urllib.request.Request(_endpoint(url, options), data=data,
                                      method="POST", headers={"Content-Type": kind})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.read()
+            body, headers = response.read(), response.headers
+            quality = {"confidence": float(headers.get("X-Mask-Confidence", "nan")),
+                       "no_object": headers.get("X-Mask-No-Object") == "true"}
+            return body, quality
     except urllib.error.HTTPError as exc:
         body = exc.read()
         try:

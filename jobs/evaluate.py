@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluation = ray_scoring.predict_and_evaluate(plan.weights, plan.pairs, out=cfg.out,
                                                       dataset=plan.dataset, image_size=plan.image_size,
                                                       batch_size=cfg.batch_size, precision=cfg.precision,
-                                                      blocks=cfg.blocks, refine=cfg.refine)
+                                                      blocks=cfg.blocks, refine=cfg.refine,
+                                                      normalize=cfg.normalize, on_no_object=cfg.on_no_object)
     write_report(evaluation, cfg.out, sheet_rows=cfg.sheet_rows)
     print_last(summary_text(evaluation, cfg.out))
     return 0

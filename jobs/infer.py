@@ -6,6 +6,8 @@
     python jobs/infer.py --input /data/photos --output /data/masks --weights basnet.onnx   # ONNX Runtime, CPUs
     ray job submit --working-dir . -- python jobs/infer.py --input s3://... --output s3://... --weights ...
 
+Each mask's confidence and a no_object flag go to the manifest (see docs/infer.md); --review N
+writes a contact sheet of the N least confident to <output>/_review/.
 Re-running with the same --output skips inputs whose mask exists (--overwrite redoes them); --dry-run
 prints what a run would do. Each run writes its manifest to <output>/_manifest/part-<run>-NNNN.parquet
 and its resolved config to <output>/_config/config-<run>.yaml.
@@ -50,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     print(summary.line(), flush=True)
     if others := not_images_line(summary.not_images):
         print(others, flush=True)
+    if summary.quality:
+        print(summary.quality, flush=True)
+    if summary.review:
+        print(f"least confident masks: {'  '.join(summary.review.values())}", flush=True)
     print(summary.stages_line(), flush=True)
     print(f"masks in {summary.output}, manifest {', '.join(summary.manifest)}", flush=True)
     return 0

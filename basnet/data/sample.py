@@ -1,10 +1,11 @@
 """A small synthetic dataset in the DUTS layout, generated deterministically on demand.
 
 It lets every tool (training, inference, evaluation, tuning) run end to end without a download.
-Each image holds one salient object (an ellipse, polygon or rounded box with thin handles,
+Most images hold one salient object (an ellipse, polygon or rounded box with thin handles,
 antennae or a ring) in saturated colours over a muted, textured background (gradient, stripes,
-noise, faint blobs). Masks are drawn at 4x and box-filtered down, so their edges carry soft
-values the way DUTS masks do. See ``docs/sample.md``.
+noise, faint blobs); one in eight is a scene without an object (background only, an empty mask),
+so a model trained on it learns to say that a scene is empty. Masks are drawn at 4x and
+box-filtered down, so their edges carry soft values the way DUTS masks do. See ``docs/sample.md``.
 """
 
 from __future__ import annotations
@@ -27,17 +28,19 @@ from basnet.imaging import encode_png
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_VERSION = 1
+SAMPLE_VERSION = 2  # 2: scenes without an object, the contrast option
 MARKER = "sample.json"  # written last: its presence means the sample is complete
 _SUPERSAMPLE = 4
 _JPEG_QUALITY = 90
 
 Size = Union[int, tuple[int, int]]
-DEFAULTS = {"n_train": 48, "n_test": 16, "size": (64, 80), "seed": 0}
+EMPTY_EVERY = 8  # every 8th image of each split (index 7, 15, ...) is a scene without an object
+DEFAULTS = {"n_train": 48, "n_test": 16, "size": (64, 80), "seed": 0, "empty_every": EMPTY_EVERY,
+            "contrast": (1.0, 1.0)}
 
 
 def default_sample_dir() -> str:
-    """``$BASNET_SAMPLE_DIR``, else ``~/.cache/basnet-ray/sample-v1``."""
+    """``$BASNET_SAMPLE_DIR``, else ``~/.cache/basnet-ray/sample-v2``."""
     configured = os.environ.get("BASNET_SAMPLE_DIR")
     if configured:
         return configured
@@ -148,16 +151,35 @@ def _jpeg(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def make_example(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic (image uint8 (H, W, 3), soft mask uint8 (H, W)) pair."""
+def make_example(height: int, width: int, rng: np.random.Generator, *, empty: bool = False,
+                 contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic (image uint8 (H, W, 3), soft mask uint8 (H, W)) pair.
+
+    ``empty``: a scene without an object (the background alone, an all-zero mask). ``contrast``
+    in [0, 1]: how far the object's colours stand out from the background behind it (1: the
+    saturated colours as drawn; 0: the background itself, an object no model can see).
+    """
+    if empty:
+        background = _background(height, width, rng)
+        return np.clip(np.rint(background), 0, 255).astype(np.uint8), np.zeros((height, width), np.uint8)
     mask = _object_mask(height, width, rng)
     alpha = mask.astype(np.float32)[..., None] / 255.0
+    background = _background(height, width, rng)
+    foreground = _foreground(height, width, rng)
+    if contrast < 1.0:
+        foreground = background + contrast * (foreground - background)
     # Composite like a matte, so the image's edges blend exactly as the mask's soft values say.
-    image = _background(height, width, rng) * (1 - alpha) + _foreground(height, width, rng) * alpha
+    image = background * (1 - alpha) + foreground * alpha
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
 
 
-def _write_split(root: str, split: str, count: int, size: tuple[int, int], seed: int) -> None:
+def is_empty_scene(index: int, empty_every: int) -> bool:
+    """Whether image ``index`` of a split is a scene without an object (``empty_every`` 0: none is)."""
+    return empty_every > 0 and index % empty_every == empty_every - 1
+
+
+def _write_split(root: str, split: str, count: int, size: tuple[int, int], seed: int, empty_every: int,
+                 contrast: tuple[float, float]) -> None:
     tag = "TR" if split == "train" else "TE"
     image_dir = storage.join(root, f"DUTS-{tag}", f"DUTS-{tag}-Image")
     mask_dir = storage.join(root, f"DUTS-{tag}", f"DUTS-{tag}-Mask")
@@ -166,23 +188,27 @@ def _write_split(root: str, split: str, count: int, size: tuple[int, int], seed:
         rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
         height = size[0] + int(rng.integers(-4, 5))
         width = size[1] + int(rng.integers(-4, 5))
-        image, mask = make_example(height, width, rng)
+        level = float(rng.uniform(*contrast)) if contrast[0] < contrast[1] else contrast[0]
+        image, mask = make_example(height, width, rng, empty=is_empty_scene(i, empty_every), contrast=level)
         name = f"sample_{tag.lower()}_{i:04d}"
         storage.write_bytes(storage.join(image_dir, f"{name}.jpg"), _jpeg(image))
         storage.write_bytes(storage.join(mask_dir, f"{name}.png"), encode_png(mask))
 
 
-def _params(n_train: int, n_test: int, size: Size, seed: int) -> dict:
+def _params(n_train: int, n_test: int, size: Size, seed: int, empty_every: int = EMPTY_EVERY,
+            contrast: tuple[float, float] = (1.0, 1.0)) -> dict:
     height, width = (size, size) if isinstance(size, int) else size
-    if n_train < 1 or n_test < 0 or min(height, width) < 16:
-        raise ValueError(f"need n_train >= 1, n_test >= 0 and sides >= 16, "
-                         f"got {n_train}, {n_test}, {size}")
+    low, high = (float(c) for c in contrast)
+    if n_train < 1 or n_test < 0 or min(height, width) < 16 or empty_every < 0 or not 0 <= low <= high <= 1:
+        raise ValueError(f"need n_train >= 1, n_test >= 0, sides >= 16, empty_every >= 0 and "
+                         f"0 <= contrast low <= high <= 1, got {n_train}, {n_test}, {size}, {empty_every}, {contrast}")
     return {"version": SAMPLE_VERSION, "n_train": n_train, "n_test": n_test,
-            "size": [int(height), int(width)], "seed": seed}
+            "size": [int(height), int(width)], "seed": seed, "empty_every": int(empty_every),
+            "contrast": [low, high]}
 
 
-def generate_sample(root: str, *, n_train: int = 48, n_test: int = 16,
-                    size: Size = (64, 80), seed: int = 0) -> str:
+def generate_sample(root: str, *, n_train: int = 48, n_test: int = 16, size: Size = (64, 80), seed: int = 0,
+                    empty_every: int = EMPTY_EVERY, contrast: tuple[float, float] = (1.0, 1.0)) -> str:
     """Write a synthetic DUTS-layout dataset under ``root`` (local or ``s3://``).
 
     Args:
@@ -191,14 +217,19 @@ def generate_sample(root: str, *, n_train: int = 48, n_test: int = 16,
         n_test: Test pairs (``DUTS-TE``).
         size: Nominal (height, width), or one side; each image varies by up to 4 px.
         seed: Seed; the same arguments give byte-identical files.
+        empty_every: Every ``empty_every``-th image of each split is a scene without an object
+            (index 7, 15, ... by default: one in eight); 0 for none.
+        contrast: The range each object's contrast is drawn from (see :func:`make_example`); the
+            default (1, 1) draws every object at full contrast. Held-out sets for checking mask
+            confidence use (0, 1): objects of every contrast, down to invisible ones.
 
     Returns:
         ``root``.
     """
-    params = _params(n_train, n_test, size, seed)
-    hw = tuple(params["size"])
-    _write_split(root, "train", n_train, hw, seed)
-    _write_split(root, "test", n_test, hw, seed)
+    params = _params(n_train, n_test, size, seed, empty_every, contrast)
+    hw, levels = tuple(params["size"]), tuple(params["contrast"])
+    _write_split(root, "train", n_train, hw, seed, params["empty_every"], levels)
+    _write_split(root, "test", n_test, hw, seed, params["empty_every"], levels)
     storage.write_bytes(storage.join(root, MARKER), json.dumps(params, sort_keys=True).encode())
     logger.info("wrote a %d + %d pair sample to %s", n_train, n_test, root)
     return root
@@ -225,7 +256,8 @@ def ensure_sample(root: str | None = None, **kwargs) -> str:
 
     Args:
         root: Target folder (local or ``s3://``); default :func:`default_sample_dir`.
-        **kwargs: Passed to :func:`generate_sample` (``n_train``, ``n_test``, ``size``, ``seed``).
+        **kwargs: Passed to :func:`generate_sample` (``n_train``, ``n_test``, ``size``, ``seed``,
+            ``empty_every``, ``contrast``).
 
     Returns:
         The sample's root.

@@ -8,6 +8,7 @@ from basnet.config import PRECISIONS, check_options, option
 from basnet.data.discovery import Pair, evaluation_pairs
 from basnet.errors import ConfigError
 from basnet.imaging.refine import REFINES
+from basnet.quality import NORMALIZES, ON_NO_OBJECT
 
 __all__ = ["EvalConfig", "SAMPLE_TOKEN", "resolve_eval_data", "WeightsPlan", "plan_weights"]
 
@@ -39,6 +40,10 @@ class EvalConfig:
                                  "plain upsampling, comparable with published figures) or guided (the photo "
                                  "guides the edges; the images are also masked plainly and both rows printed)",
                          choices=REFINES)
+    normalize: str = option("minmax", "with --weights: minmax (each map stretched to 0-1, the test protocol's) or "
+                                      "none (the model's sigmoid as it is)", choices=NORMALIZES)
+    on_no_object: str = option("keep", "with --weights: keep the mask of an image whose map holds nothing "
+                                       "salient, or score an empty one", choices=ON_NO_OBJECT)
     sheet_rows: int = option(8, "images in each of the worst.png and best.png contact sheets", positive=True)
     skip_unpaired: bool = option(False, "with --data: skip images without a mask instead of failing")
     blocks: int | None = option(None, "parallel scoring tasks (default: from the cluster's CPUs and the "
@@ -60,8 +65,10 @@ class EvalConfig:
         if not pred_mode and not weights_mode:
             raise ConfigError("nothing to evaluate: pass --pred DIR --gt DIR, or --weights SOURCE --data DIR")
         self.check()
-        if pred_mode and self.refine != "none":
-            raise ConfigError("--refine is for --weights (the masks of --pred are scored as they are): drop it")
+        for flag, value, default in (("--refine", self.refine, "none"), ("--normalize", self.normalize, "minmax"),
+                                     ("--on-no-object", self.on_no_object, "keep")):
+            if pred_mode and value != default:
+                raise ConfigError(f"{flag} is for --weights (the masks of --pred are scored as they are): drop it")
         return "pred" if pred_mode else "weights"
 
     def check(self) -> None:

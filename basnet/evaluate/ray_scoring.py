@@ -28,6 +28,7 @@ from basnet.evaluate.config import resolve_eval_data
 from basnet.evaluate.matching import EvalPair, Matching, prepare_folders
 from basnet.evaluate.report import summary_text, write_report
 from basnet.evaluate.scoring import Evaluation, Scores, finish_scores, score_pairs
+from basnet.quality import QUALITY_COLUMNS
 from basnet.train.config import TrainConfig
 from basnet.train.curves import CURVES_FILE
 
@@ -95,8 +96,10 @@ def evaluate_folders_parallel(pred: str, gt: str, *, images: str | None = None,
 
 
 def _predict_masks(weights: str, images: list[str], *, pred_dir: str, image_size: int | None,
-                   batch_size: int, precision: str, refine: str = "none") -> dict[str, str]:
-    """Masks exactly ``images`` with the bulk-masking pipeline; returns image URI -> mask URI.
+                   batch_size: int, precision: str, refine: str = "none", normalize: str = "minmax",
+                   on_no_object: str = "keep") -> dict[str, dict]:
+    """Masks exactly ``images`` with the bulk-masking pipeline; returns image URI -> its manifest row
+    (``output``: the mask's URI, and the mask's quality figures).
 
     Masks mirror the images' paths relative to their common folder; existing masks are
     overwritten, so a reused output folder never feeds another model's masks into the scores.
@@ -106,7 +109,8 @@ def _predict_masks(weights: str, images: list[str], *, pred_dir: str, image_size
     from basnet.infer.ray_pipeline import run_inference
 
     cfg = InferConfig(output=pred_dir, weights=weights, root=storage.common_folder(images), image_size=image_size,
-                      batch_size=batch_size, precision=precision, overwrite=True, refine=refine)
+                      batch_size=batch_size, precision=precision, overwrite=True, refine=refine, normalize=normalize,
+                      on_no_object=on_no_object)
     summary = run_inference(cfg, images=images)
     logger.info("masking: %s", summary.line())
     rows = read_run_manifest(summary).to_pylist()
@@ -114,32 +118,33 @@ def _predict_masks(weights: str, images: list[str], *, pred_dir: str, image_size
     if failed:
         logger.warning("%d images could not be masked; their ground truth counts as without prediction "
                        "(first: %s: %s)", len(failed), failed[0]["input"], failed[0]["error"])
-    return {row["input"]: row["output"] for row in rows if row["status"] == "written"}
+    return {row["input"]: row for row in rows if row["status"] == "written"}
 
 
-def _match_masks(pairs: list[Pair], masks: dict[str, str], pred_dir: str) -> Matching:
+def _match_masks(pairs: list[Pair], masks: dict[str, dict], pred_dir: str) -> Matching:
     """Pairs each written mask with its ground truth; images without a mask and stray masks listed."""
     from basnet.infer.naming import canonical, printable
 
     root = storage.common_folder([p.image for p in pairs])
     found, missing = [], []
     for pair in pairs:
-        mask = masks.get(printable(canonical(pair.image)))
-        if mask is None:
+        row = masks.get(printable(canonical(pair.image)))
+        if row is None:
             missing.append(pair.mask)
             continue
         key = storage.relative_to(pair.image, root).rsplit(".", 1)[0]
-        found.append(EvalPair(key=key, pred=mask, gt=pair.mask, image=pair.image))
+        found.append(EvalPair(key=key, pred=row["output"], gt=pair.mask, image=pair.image))
     if not found:
         raise storage.StorageError(f"no mask was written under {pred_dir}; see the masking log above")
-    stray = set(storage.list_files(pred_dir, suffixes=(".png",))) - set(masks.values())
+    stray = set(storage.list_files(pred_dir, suffixes=(".png",))) - {row["output"] for row in masks.values()}
     return Matching(pairs=sorted(found, key=lambda p: p.key), preds_without_gt=sorted(stray),
                     gt_without_pred=sorted(missing))
 
 
 def predict_and_evaluate(weights: str, pairs: list[Pair], *, out: str, dataset: str,
                          image_size: int | None = None, batch_size: int = 8, precision: str = "auto",
-                         blocks: int | None = None, refine: str = "none") -> Evaluation:
+                         blocks: int | None = None, refine: str = "none", normalize: str = "minmax",
+                         on_no_object: str = "keep") -> Evaluation:
     """Masks the images of ``pairs`` with ``weights``, then scores the masks against ``pairs``' masks.
 
     Args:
@@ -154,18 +159,25 @@ def predict_and_evaluate(weights: str, pairs: list[Pair], *, out: str, dataset: 
         refine: ``none`` (the test protocol's plain upsampling) or ``guided``; a guided evaluation
             also masks the images plainly (into ``<out>/predictions-plain``) and keeps those figures
             in ``plain_metrics``, to be printed beside its own.
+        normalize, on_no_object: The bulk job's ``--normalize`` and ``--on-no-object``. Each scored
+            row gets its mask's quality figures; the report ranks the errors by the confidence.
 
     Returns:
         The :class:`Evaluation`.
     """
     def run(pred_dir: str, how: str) -> Evaluation:
         masks = _predict_masks(weights, [p.image for p in pairs], pred_dir=pred_dir, image_size=image_size,
-                               batch_size=batch_size, precision=precision, refine=how)
-        return evaluate_matching(_match_masks(pairs, masks, pred_dir), dataset=dataset, predictions=pred_dir,
-                                 checkpoint=weights, blocks=blocks)
+                               batch_size=batch_size, precision=precision, refine=how, normalize=normalize,
+                               on_no_object=on_no_object)
+        evaluation = evaluate_matching(_match_masks(pairs, masks, pred_dir), dataset=dataset,
+                                       predictions=pred_dir, checkpoint=weights, blocks=blocks)
+        by_mask = {row["output"]: row for row in masks.values()}
+        for scored in evaluation.scores.rows:
+            scored.update({key: by_mask[scored["pred"]][key] for key in QUALITY_COLUMNS})
+        return evaluation
 
     evaluation = run(storage.join(out, "predictions"), refine)
-    evaluation.refine = refine
+    evaluation.refine, evaluation.normalize, evaluation.on_no_object = refine, normalize, on_no_object
     if refine != "none":
         evaluation.plain_metrics = run(storage.join(out, "predictions-plain"), "none").metrics()
     return evaluation

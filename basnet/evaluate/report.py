@@ -18,6 +18,7 @@ from basnet import storage
 from basnet.evaluate.matching import EvalPair
 from basnet.evaluate.scoring import Evaluation, load_pair
 from basnet.imaging import ImageDecodeError, decode_image, encode_png
+from basnet.quality import QUALITY_COLUMNS, least_confident_ratio, spearman
 from basnet.transforms import resize_image
 
 __all__ = ["PAPER_BASNET_DUTS_TE", "TABLE_COLUMNS", "metrics_table", "metrics_document", "write_report",
@@ -72,6 +73,45 @@ def _counts_line(evaluation: Evaluation) -> str:
             f"resized to their ground truth, {c['unreadable']} unreadable files")
 
 
+FOUND_MAE = 0.1  # an object counts as found by its mask when the image's MAE is under this
+
+
+def confidence_report(rows: list[dict]) -> dict | None:
+    """How well the masks' confidence ranks their errors (None when the rows carry no confidence):
+    Spearman's correlation of confidence with per-image MAE (good: strongly negative), the mean MAE
+    of the least confident tenth over the rest's (good: well above 1), and how often ``no_object``
+    was flagged on scenes without an object and on objects the mask found (MAE under 0.1)."""
+    scored = [row for row in rows if row.get("confidence") is not None and not np.isnan(row["confidence"])]
+    if not scored:
+        return None
+    confidence = np.array([row["confidence"] for row in scored])
+    mae = np.array([row["mae"] for row in scored])
+    flagged = np.array([bool(row["no_object"]) for row in scored])
+    empty = np.array([bool(row.get("gt_empty")) for row in scored])
+    found = ~empty & (mae < FOUND_MAE)
+    return {"images": len(scored), "spearman_confidence_mae": spearman(confidence, mae),
+            "least_confident_tenth_mae_ratio": least_confident_ratio(confidence, mae),
+            "no_object": int(flagged.sum()), "empty_scenes": int(empty.sum()),
+            "no_object_on_empty_scenes": int((flagged & empty).sum()), "found_objects": int(found.sum()),
+            "no_object_on_found_objects": int((flagged & found).sum())}
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part}/{whole} ({100 * part / whole:.1f} %)" if whole else "0/0"
+
+
+def confidence_line(report: dict | None) -> str:
+    """The confidence report in one line (empty without one)."""
+    if report is None:
+        return ""
+    return (f"confidence against per-image MAE over {report['images']} images: Spearman "
+            f"{report['spearman_confidence_mae']:+.3f}, least confident tenth's MAE "
+            f"{report['least_confident_tenth_mae_ratio']:.2f}x the rest's; no_object on "
+            f"{_share(report['no_object_on_empty_scenes'], report['empty_scenes'])} scenes without an object, on "
+            f"{_share(report['no_object_on_found_objects'], report['found_objects'])} objects found "
+            f"(MAE < {FOUND_MAE:g})")
+
+
 def metrics_document(evaluation: Evaluation) -> dict:
     """The content of metrics.json."""
     matching, scores = evaluation.matching, evaluation.scores
@@ -81,23 +121,32 @@ def metrics_document(evaluation: Evaluation) -> dict:
             "gt_without_pred": matching.gt_without_pred, "resized": scores.resized,
             "unreadable": scores.unreadable, "parallel_tasks": len(scores.tasks),
             "refine": evaluation.refine, "plain_metrics": evaluation.plain_metrics,
+            "normalize": evaluation.normalize, "on_no_object": evaluation.on_no_object,
+            "confidence": confidence_report(scores.rows),
             "paper": {"name": "BASNet (Qin et al., CVPR 2019) on DUTS-TE", **PAPER_BASNET_DUTS_TE}}
 
 
 def _markdown(evaluation: Evaluation) -> str:
     lines = [f"# Evaluation of {evaluation.checkpoint or evaluation.predictions}", "",
              f"- data: `{evaluation.dataset}`", f"- predictions: `{evaluation.predictions}`",
-             f"- {_counts_line(evaluation)}", "", _table(evaluation), "",
+             f"- {_counts_line(evaluation)}", *_confidence_item(evaluation), "", _table(evaluation), "",
              "F-measures use beta^2 = 0.3 over 256 thresholds; relaxFb binarises at 0.5 with a 3 px "
              "slack; all at each ground truth's original size.", ""]
     return "\n".join(lines)
 
 
+def _confidence_item(evaluation: Evaluation) -> list[str]:
+    line = confidence_line(confidence_report(evaluation.scores.rows))
+    return [f"- {line}"] if line else []
+
+
 def summary_text(evaluation: Evaluation, out: str) -> str:
-    """What a job prints at the end: where the report went, the counts, then the table (last)."""
+    """What a job prints at the end: where the report went, the counts, the confidence's ranking of
+    the errors (with --weights), then the table (last)."""
+    line = confidence_line(confidence_report(evaluation.scores.rows))
     return "\n".join((f"evaluated {evaluation.checkpoint or evaluation.predictions} on {evaluation.dataset}",
-                      _counts_line(evaluation), f"report: {out} ({', '.join(REPORT_FILES)})", "",
-                      _table(evaluation)))
+                      _counts_line(evaluation), *([line] if line else []),
+                      f"report: {out} ({', '.join(REPORT_FILES)})", "", _table(evaluation)))
 
 
 def _figure():
@@ -221,7 +270,8 @@ def _extremes(rows: list[dict], n: int) -> tuple[list[dict], list[dict]]:
 def _parquet(rows: list[dict]) -> bytes:
     import pandas as pd
 
-    columns = ["key", "mae", "max_f", "height", "width", "resized", "pred", "gt", "image"]
+    columns = ["key", "mae", "max_f", "height", "width", "resized", "gt_empty", "pred", "gt", "image"]
+    columns += [key for key in QUALITY_COLUMNS if rows and key in rows[0]]
     buffer = io.BytesIO()
     pd.DataFrame(rows, columns=columns).to_parquet(buffer, index=False)
     return buffer.getvalue()

@@ -33,7 +33,9 @@ class Scores:
 
     Attributes:
         metrics: The running SOD metrics of the scored images.
-        rows: One dict per scored image: key, pred, gt, image, height, width, mae, max_f, resized.
+        rows: One dict per scored image: key, pred, gt, image, height, width, mae, max_f, resized,
+            gt_empty (the ground truth holds no object); with ``--weights``, also the masks' quality
+            figures (``basnet.quality.QUALITY_COLUMNS``).
         resized: Keys of predictions resized to their ground truth's size.
         unreadable: URIs that could not be decoded (their pairs are not scored).
         tasks: Identifiers of the tasks that produced the parts (one entry per part).
@@ -66,6 +68,8 @@ class Evaluation:
     checkpoint: str | None = None
     refine: str | None = None  # how the masks were taken to full size (known with --weights only)
     plain_metrics: dict[str, float] | None = None  # with --refine guided: the plain path's, for comparison
+    normalize: str | None = None  # how the masks' maps were normalised (known with --weights only)
+    on_no_object: str | None = None
 
     def metrics(self) -> dict[str, float]:
         """``SODMetrics.compute()`` of the scored images."""
@@ -124,7 +128,7 @@ def score_pairs(pairs: list[EvalPair], *, task: str = "local") -> Scores:
         scores.metrics.update(pred, gt)
         scores.rows.append({"key": pair.key, "pred": pair.pred, "gt": pair.gt, "image": pair.image,
                             "height": gt.shape[0], "width": gt.shape[1], **image_scores(pred, gt),
-                            "resized": resized})
+                            "resized": resized, "gt_empty": not bool((gt > 127).any())})
         if resized:
             scores.resized.append(pair.key)
         if i % _PROGRESS_EVERY == 0:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from basnet.config import PRECISIONS, check_options, option
 from basnet.errors import ConfigError
 from basnet.imaging import DEFAULT_MAX_PIXELS, ENCODINGS, FORMATS, REFINES, SUFFIXES, default_refine
+from basnet.quality import NORMALIZES, ON_NO_OBJECT
 from basnet.watchdog import DEFAULT_STALL_TIMEOUT_S
 
 __all__ = ["InferConfig", "FORMATS", "RUNTIMES", "cpu_batch_size", "is_onnx", "torch_instead"]
@@ -35,6 +36,17 @@ class InferConfig:
                                       "edge colours re-estimated, so no old background shows) (default: guided for "
                                       "--format rgba, none for mask and binary; see docs/infer.md)",
                                 choices=REFINES)
+    normalize: str = option("minmax", "minmax: each map stretched to the full 0-1 range (the test protocol's, "
+                                      "as published figures are measured); none: the model's sigmoid as it is, so a "
+                                      "scene without an object gets a dark mask (see docs/infer.md)",
+                            choices=NORMALIZES)
+    on_no_object: str = option("keep", "what is written for an image whose map holds nothing salient (no_object "
+                                       "in the manifest): keep its mask, or write an empty one",
+                               choices=ON_NO_OBJECT)
+    review: int = option(0, "at the end, a contact sheet of the N least confident masks (image, mask, cut-out) "
+                            "and their list under <output>/_review/ (0: none)", within=(0, 1000))
+    flag_below: float = option(0.5, "the summary counts the masks whose confidence is under this",
+                               within=(0, 1))
     encoding: str = option("png", "how outputs are written, all lossless: png (fast compression), png-small "
                                   "(the smallest PNG, about 4x slower), webp (lossless WebP, --format rgba only: "
                                   "a 12 MP cut-out in half the time of png, 27 percent smaller)", choices=ENCODINGS)

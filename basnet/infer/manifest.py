@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from basnet import storage
+from basnet.quality import QUALITY_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ MANIFEST_SCHEMA = pa.schema([
     ("input", pa.string()), ("output", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("status", pa.string()), ("error", pa.string()), ("seconds", pa.float64()),
     *[(stage, pa.float64()) for stage in STAGES], ("run_id", pa.string()),
+    # How sure the model was of a written mask (basnet.quality); null for rows not written by this run.
+    *[(key, pa.bool_() if key == "no_object" else pa.float64()) for key in QUALITY_COLUMNS],
 ])
 
 
@@ -79,6 +82,8 @@ class InferSummary:
     run_id: str
     stage_seconds: dict[str, float] = field(default_factory=dict)  # summed over inputs, per STAGES
     not_images: Counter = field(default_factory=Counter)  # files under --input that are not images, by suffix
+    quality: str = ""  # the masks' quality counts (basnet.infer.review), one line
+    review: dict[str, str] = field(default_factory=dict)  # the review sheet's files, name -> URI
 
     @property
     def total(self) -> int:
@@ -135,6 +140,7 @@ class ManifestWriter:
             "seconds": pa.array(sum(stages.values()) if stages else np.zeros(n), pa.float64()),
             **{stage: pa.array(values, pa.float64()) for stage, values in stages.items()},
             "run_id": pa.array([self.run_id] * n, pa.string()),
+            **_quality(batch, status == WRITTEN),
         }
         self.pending.append(pa.RecordBatch.from_pydict(columns, schema=MANIFEST_SCHEMA))
         self.pending_rows += n
@@ -160,6 +166,19 @@ class ManifestWriter:
 def _strings(values: Iterable, *, empty_is_null: bool = False) -> pa.Array:
     items = [str(v) for v in np.asarray(values, dtype=object).tolist()]
     return pa.array([v or None for v in items] if empty_is_null else items, pa.string())
+
+
+def _quality(batch: dict, written: np.ndarray) -> dict[str, pa.Array]:
+    """The quality columns, null where no mask was written (or the batch carries none)."""
+    out = {}
+    for key in QUALITY_COLUMNS:
+        kind = pa.bool_() if key == "no_object" else pa.float64()
+        if key not in batch:
+            out[key] = pa.nulls(len(written), kind)
+            continue
+        values = np.asarray(batch[key], bool if key == "no_object" else np.float64)
+        out[key] = pa.array(values, kind, mask=~written)
+    return out
 
 
 def _sizes(values: Iterable | None, n: int) -> pa.Array:

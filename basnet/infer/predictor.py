@@ -19,7 +19,8 @@ import torch
 from basnet.device import compile_model, memory_format, resolve_precision, to_model_input
 from basnet.infer.manifest import PENDING
 from basnet.model import BASNet
-from basnet.predict import predict_probabilities
+from basnet.predict import predict_assessed
+from basnet.quality import QUALITY_COLUMNS, assess, minmax
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 class MaskPredictor:
-    """Saliency maps at the model's size for a decoded batch; rows not pending pass through.
+    """Saliency maps at the model's size for a decoded batch, with each map's quality figures
+    (``basnet.quality``); rows not pending pass through.
 
     Args:
         state_dict: BASNet weights, tensors or NumPy arrays (used in place: read-only arrays from Ray's
@@ -133,26 +135,44 @@ class MaskPredictor:
         self.model = compile_model(model.to(device).eval().to(memory_format=self.memory_format), compile)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``prob``: each pending row's raw map (float32 bytes, before normalisation); the figures of
+        ``QUALITY_COLUMNS`` (NaN and False for rows not pending); ``infer_s``: its share of the time."""
         out = {k: v for k, v in batch.items() if k != "image"}
         pending = np.flatnonzero(np.asarray(batch["status"] == PENDING, dtype=bool))
-        probs = np.full(len(batch["status"]), b"", dtype=object)
-        infer_s = np.zeros(len(probs))
+        n = len(batch["status"])
+        probs = np.full(n, b"", dtype=object)
+        quality = {key: np.zeros(n, bool) if key == "no_object" else np.full(n, np.nan) for key in QUALITY_COLUMNS}
+        infer_s = np.zeros(n)
         if len(pending):
             start = time.perf_counter()
             images = np.stack([np.frombuffer(batch["image"][i], np.uint8).reshape(self.size, self.size, 3)
                                for i in pending])
-            for i, prob in zip(pending, self.predict(images)):
+            raw, figures = self.predict_assessed(images)
+            for key, values in figures.items():
+                quality[key][pending] = values
+            for i, prob in zip(pending, raw):
                 probs[i] = prob.tobytes()
             infer_s[pending] = (time.perf_counter() - start) / len(pending)
-        return {**out, "prob": probs, "infer_s": infer_s}
+        return {**out, "prob": probs, **quality, "infer_s": infer_s}
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """float32 (N, S, S) maps of uint8 (N, S, S, 3) images, in chunks the memory allows."""
-        maps, start = [], 0
+        """The test protocol's maps: ``predict_raw``'s, min-max normalised per image."""
+        return minmax(self.predict_raw(images))
+
+    def predict_raw(self, images: np.ndarray) -> np.ndarray:
+        """float32 (N, S, S) raw maps (the refined output's sigmoid) of uint8 (N, S, S, 3) images."""
+        return self.predict_assessed(images)[0]
+
+    def predict_assessed(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``predict_raw``'s maps and their figures of ``basnet.quality.QUALITY_COLUMNS`` (computed on
+        the model's device), in chunks the memory allows."""
+        maps, figures, start = [], [], 0
         while start < len(images):
             size = min(self.max_batch or len(images), len(images) - start)
             try:
-                maps.append(self._forward(images[start:start + size]))
+                chunk, judged = self._forward(images[start:start + size])
+                maps.append(chunk)
+                figures.append(judged)
                 start += size
             except Exception as exc:
                 if not is_out_of_memory(exc) or size == 1:
@@ -161,18 +181,13 @@ class MaskPredictor:
                 logger.warning("out of memory on a batch of %d images: going on with %d", size, self.max_batch)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-        return np.concatenate(maps)
+        return np.concatenate(maps), {key: np.concatenate([f[key] for f in figures]) for key in QUALITY_COLUMNS}
 
-    def _forward(self, images: np.ndarray) -> np.ndarray:
-        if self.session is not None:
-            return _minmax(self.session.run(None, {self.input_name: to_model_input(images).numpy()})[0][:, 0])
+    def _forward(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        if self.session is not None:  # the exported graph's first output is the refined map's sigmoid
+            maps = self.session.run(None, {self.input_name: to_model_input(images).numpy()})[0][:, 0]
+            return maps, assess(maps)
         tensor = torch.from_numpy(np.ascontiguousarray(images))
-        return predict_probabilities(self.model, tensor, device=self.device, precision=self.precision,
-                                     memory_format=self.memory_format).numpy()
-
-
-def _minmax(prob: np.ndarray) -> np.ndarray:
-    """Per-image min-max of (N, H, W) maps, as ``predict_probabilities`` does."""
-    lo = prob.min(axis=(1, 2), keepdims=True)
-    hi = prob.max(axis=(1, 2), keepdims=True)
-    return ((prob - lo) / np.maximum(hi - lo, np.float32(1e-8))).astype(np.float32, copy=False)
+        maps, figures = predict_assessed(self.model, tensor, device=self.device, precision=self.precision,
+                                         memory_format=self.memory_format)
+        return maps.numpy(), figures

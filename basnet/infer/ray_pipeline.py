@@ -59,6 +59,7 @@ from basnet.infer.manifest import (
 )
 from basnet.infer.monitor import RunMonitor, storage_failure
 from basnet.infer.plan import InferPlan, plan_inference, save_config
+from basnet.infer.review import QualityReview
 from basnet.infer.stages import decode_batch, write_batch
 from basnet.ray_errors import get, user_error
 from basnet.ray_progress import watched_dataset
@@ -270,7 +271,8 @@ def build_dataset(plan: InferPlan, units: list[dict], weights_ref: ray.ObjectRef
     options = {"precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile,
                "runtime": cfg.runtime}
     write = {"fmt": cfg.format, "threshold": cfg.threshold, "size": cfg.image_size, "encoding": cfg.encoding,
-             "max_pixels": cfg.max_pixels, "refine": cfg.resolved_refine()}
+             "max_pixels": cfg.max_pixels, "refine": cfg.resolved_refine(), "normalize": cfg.normalize,
+             "on_no_object": cfg.on_no_object}
     in_actor = _write_in_actor(cfg)
     ds.set_name(DATASET_NAME)
     ds = ds.map_batches(_PredictorActor, fn_constructor_kwargs={
@@ -341,6 +343,7 @@ def execute(plan: InferPlan) -> InferSummary:
                 cfg.actor_threads)
     writer = ManifestWriter(plan.output_root, plan.run_id)
     monitor, progress, not_images = RunMonitor(cfg.max_failed_fraction), Progress(None), Counter()
+    review = QualityReview(cfg.review, cfg.flag_below)
     health = _ModelHealth.remote()
     try:
         with _block_size(cfg), contextlib.closing(watched_dataset(
@@ -348,6 +351,7 @@ def execute(plan: InferPlan) -> InferSummary:
             for batch in batches:
                 batch = without_not_images(batch, not_images)
                 writer.add(batch)
+                review.add(batch)
                 progress.update(len(batch["status"]), writer.counts)
                 monitor.add(batch["status"], batch["error"])
         if not writer.rows:
@@ -371,7 +375,8 @@ def execute(plan: InferPlan) -> InferSummary:
     return InferSummary(written=counts.get("written", 0), skipped=counts.get("skipped", 0),
                         failed=counts.get("failed", 0), seconds=time.perf_counter() - start,
                         output=plan.output_root, manifest=writer.parts, config=plan.config_uri, run_id=plan.run_id,
-                        stage_seconds=dict(writer.stage_seconds), not_images=not_images)
+                        stage_seconds=dict(writer.stage_seconds), not_images=not_images, quality=review.line(),
+                        review=review.write(plan.output_root, max_pixels=cfg.max_pixels))
 
 
 def dry_run(plan: InferPlan, *, examples: int = 3) -> DryRun:

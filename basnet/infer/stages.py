@@ -26,6 +26,7 @@ from basnet.errors import first_line
 from basnet.imaging import ImageDecodeError, decode_for_model, has_image_suffix, render_output
 from basnet.infer.manifest import FAILED, PENDING, SKIPPED, STAGES, WRITTEN
 from basnet.infer.naming import OutputNames, UnsafeNameError, output_uri, printable
+from basnet.quality import QUALITY_COLUMNS, finish_map
 
 __all__ = ["DECODED_COLUMNS", "decode_batch", "write_batch", "read_error"]
 
@@ -147,16 +148,24 @@ def decode_batch(batch: dict[str, np.ndarray], *, size: int, max_pixels: int, ke
 
 
 def write_batch(batch: dict[str, np.ndarray], *, fmt: str, threshold: float, size: int, encoding: str = "png",
-                max_pixels: int | None = None, refine: str = "none") -> dict[str, np.ndarray]:
-    """Stage 3: renders each pending row's output at its image's size, encodes it in ``encoding`` and
-    writes it atomically; returns the manifest's columns."""
+                max_pixels: int | None = None, refine: str = "none", normalize: str = "minmax",
+                on_no_object: str = "keep") -> dict[str, np.ndarray]:
+    """Stage 3: renders each pending row's output at its image's size from its raw map (normalised as
+    ``normalize`` says; empty for a ``no_object`` row under ``on_no_object="empty"``), encodes it in
+    ``encoding`` and writes it atomically; returns the manifest's columns (the quality figures
+    included)."""
     status = np.array(batch["status"], dtype=object)
     error = np.array(batch["error"], dtype=object)
     encode_s, write_s = np.zeros(len(status)), np.zeros(len(status))
+    quality = {key: np.asarray(batch[key], bool if key == "no_object" else np.float64) if key in batch else
+               np.zeros(len(status), bool) if key == "no_object" else np.full(len(status), np.nan)
+               for key in QUALITY_COLUMNS}
     for i in np.flatnonzero(status == PENDING):
         start = time.perf_counter()
         try:
-            prob = np.frombuffer(batch["prob"][i], dtype=np.float32).reshape(size, size)
+            raw = np.frombuffer(batch["prob"][i], dtype=np.float32).reshape(size, size)
+            prob = finish_map(raw, normalize=normalize, no_object=bool(quality["no_object"][i]),
+                              on_no_object=on_no_object)
             encoded = render_output(prob, int(batch["height"][i]), int(batch["width"][i]), fmt=fmt,
                                     threshold=threshold, source=batch["data"][i], encoding=encoding,
                                     max_pixels=max_pixels, refine=refine)
@@ -168,4 +177,4 @@ def write_batch(batch: dict[str, np.ndarray], *, fmt: str, threshold: float, siz
         write_s[i] = time.perf_counter() - start - encode_s[i]
     out = {key: batch[key] for key in ("input", "output", "width", "height", "list_s", "read_s", "decode_s",
                                        "infer_s")}
-    return {**out, "status": status, "error": error, "encode_s": encode_s, "write_s": write_s}
+    return {**out, **quality, "status": status, "error": error, "encode_s": encode_s, "write_s": write_s}

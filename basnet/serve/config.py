@@ -9,6 +9,7 @@ from basnet import storage
 from basnet.config import PRECISIONS, check_options, option
 from basnet.errors import ConfigError, UsageError
 from basnet.imaging import DEFAULT_MAX_PIXELS, FORMATS, REFINES
+from basnet.quality import NORMALIZES, ON_NO_OBJECT
 
 __all__ = ["ServeConfig", "AUTO"]
 
@@ -30,6 +31,10 @@ class ServeConfig:
     refine: str | None = option(None, "the default ?refine=: none (plain bilinear upsampling) or guided (the photo "
                                       "guides the edges; cut-outs get re-estimated edge colours) (default: guided "
                                       "for rgba, none for mask and binary, as the bulk job)", choices=REFINES)
+    normalize: str = option("minmax", "the default ?normalize=: minmax (each map stretched to 0-1, the test "
+                                      "protocol's) or none (the model's sigmoid as it is)", choices=NORMALIZES)
+    on_no_object: str = option("keep", "the default ?on_no_object=: keep the mask of an image whose map holds "
+                                       "nothing salient, or answer an empty one", choices=ON_NO_OBJECT)
     image_size: int | None = option(None, "model input side, a multiple of 32 (default: the checkpoint's "
                                         "training size; 256 for published weights)", multiple_of=32)
     precision: str = option("auto", "auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU; "

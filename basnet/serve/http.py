@@ -1,8 +1,8 @@
 """The masking API's requests and answers, as plain functions (no Ray, no web framework, no torch).
 
 ``POST /mask`` takes the image as the raw body or as the ``file`` field of a multipart form, with
-``?format=``, ``?threshold=`` and ``?refine=`` as the bulk job's ``--format``, ``--threshold`` and
-``--refine``. Every problem a
+``?format=``, ``?threshold=``, ``?refine=``, ``?normalize=`` and ``?on_no_object=`` as the bulk job's
+``--format``, ``--threshold``, ``--refine``, ``--normalize`` and ``--on-no-object``. Every problem a
 request can have becomes a ``RequestError`` with its HTTP status and a one-line message naming the
 fix, answered as JSON ``{"error": ...}``: 400 for bytes that do not decode and for bad parameters,
 413 above ``--max-bytes`` or ``--max-pixels``, 415 for a body that says it is not an image. A
@@ -22,11 +22,12 @@ import numpy as np
 
 from basnet.imaging import FORMATS, REFINES, ImageDecodeError, ImageTooLargeError, decode_for_model
 from basnet.imaging import default_refine as format_default_refine
+from basnet.quality import NORMALIZES, ON_NO_OBJECT
 
 __all__ = ["RequestError", "MaskRequest", "Upload", "mask_options", "read_upload", "decode_upload", "error_json",
            "OPTIONS"]
 
-OPTIONS = ("format", "threshold", "refine")  # the query parameters of POST /mask
+OPTIONS = ("format", "threshold", "refine", "normalize", "on_no_object")  # the query parameters of POST /mask
 # Besides image/*: untyped bytes, a form, and curl's default for --data-binary (the bytes as they are).
 _IMAGE_TYPES = ("application/octet-stream", "multipart/form-data", "application/x-www-form-urlencoded")
 _SEND = "send the image's bytes as the body (image/jpeg, image/png, ...) or as a multipart form's 'file' field"
@@ -47,6 +48,8 @@ class MaskRequest:
     format: str
     threshold: float
     refine: str = "none"
+    normalize: str = "minmax"
+    on_no_object: str = "keep"
 
 
 @dataclass
@@ -65,9 +68,11 @@ def error_json(message: str) -> bytes:
 
 
 def mask_options(query: Mapping[str, str], *, default_format: str = "mask", default_threshold: float = 0.5,
-                 default_refine: str | None = None) -> MaskRequest:
-    """``?format=``, ``?threshold=`` and ``?refine=`` checked as the bulk job checks its flags.
-    ``default_refine``: the service's ``--refine`` (None: the format's default, as in the bulk job)."""
+                 default_refine: str | None = None, default_normalize: str = "minmax",
+                 default_on_no_object: str = "keep") -> MaskRequest:
+    """``?format=``, ``?threshold=``, ``?refine=``, ``?normalize=`` and ``?on_no_object=`` checked as the
+    bulk job checks its flags. ``default_refine``: the service's ``--refine`` (None: the format's
+    default, as in the bulk job)."""
     unknown = sorted(set(query) - set(OPTIONS))
     if unknown:
         raise RequestError(400, f"unknown parameter {unknown[0]!r}: POST /mask takes {', '.join(OPTIONS)}")
@@ -86,7 +91,13 @@ def mask_options(query: Mapping[str, str], *, default_format: str = "mask", defa
     refine = query.get("refine", default_refine or format_default_refine(fmt))
     if refine not in REFINES:
         raise RequestError(400, f"refine {refine!r} is not one of {', '.join(REFINES)}")
-    return MaskRequest(fmt, threshold, refine)
+    normalize = query.get("normalize", default_normalize)
+    if normalize not in NORMALIZES:
+        raise RequestError(400, f"normalize {normalize!r} is not one of {', '.join(NORMALIZES)}")
+    on_no_object = query.get("on_no_object", default_on_no_object)
+    if on_no_object not in ON_NO_OBJECT:
+        raise RequestError(400, f"on_no_object {on_no_object!r} is not one of {', '.join(ON_NO_OBJECT)}")
+    return MaskRequest(fmt, threshold, refine, normalize, on_no_object)
 
 
 def _media_type(content_type: str) -> str:

@@ -3,8 +3,9 @@
 One replica holds one model. A request is read, checked and decoded on its own (``basnet.serve.http``,
 in a thread, so the event loop keeps taking requests); only decoded images join a batch
 (``@serve.batch``), which runs in the replica's one model thread; the map comes back to its request,
-which renders it at the image's original size exactly as the bulk job does
-(``basnet.imaging.render_output``). Out of memory halves the batch (``MaskPredictor``); a model
+which judges it (``basnet.quality``: the answer's ``X-Mask-Confidence`` and ``X-Mask-No-Object``
+headers, the same figures as the bulk job's manifest) and renders it at the image's original size
+exactly as the bulk job does (``basnet.imaging.render_output``). Out of memory halves the batch (``MaskPredictor``); a model
 that fails three batches in a row fails its health check and Serve replaces the replica.
 
 ``build_app(args)`` is the application builder ``serve run`` / ``serve deploy`` call with the
@@ -33,6 +34,7 @@ from basnet.config import from_dict, option_type
 from basnet.errors import UsageError
 from basnet.imaging import FORMATS, REFINES, default_refine, render_output
 from basnet.infer.config import cpu_batch_size
+from basnet.quality import NORMALIZES, ON_NO_OBJECT, finish_map
 from basnet.serve.config import ServeConfig
 from basnet.serve.http import RequestError, decode_upload, error_json, mask_options, read_upload
 
@@ -89,7 +91,8 @@ class Masker:
         self.max_batch_size = cfg.max_batch_size or (GPU_BATCH if use_gpu else cpu_batch_size(self.size))
         self.predict.set_max_batch_size(self.max_batch_size)
         self.predict.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
-        self.stats = {"requests": 0, "masks": 0, "refused": 0, "batches": 0, "largest_batch": 0}
+        self.stats = {"requests": 0, "masks": 0, "refused": 0, "batches": 0, "largest_batch": 0, "no_object": 0,
+                      "confidence_deciles": [0] * 10}  # masks answered, by confidence: [0, 0.1), ... [0.9, 1]
         self.failures_in_a_row, self.last_failure = 0, ""
         self.started = time.time()
 
@@ -102,13 +105,14 @@ class Masker:
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(images))
         try:
-            maps = await asyncio.get_running_loop().run_in_executor(self.model_thread, self.predictor.predict,
+            maps, figures = await asyncio.get_running_loop().run_in_executor(self.model_thread,
+                                                                             self.predictor.predict_assessed,
                                                                     np.stack(images))
         except ModelError as exc:
             self.failures_in_a_row, self.last_failure = self.failures_in_a_row + 1, str(exc)
             raise
         self.failures_in_a_row = 0
-        return list(maps)
+        return [(m, {key: values[i] for key, values in figures.items()}) for i, m in enumerate(maps)]
 
     def check_health(self) -> None:
         """Serve's health check: a model that keeps failing gets its replica replaced."""
@@ -152,7 +156,9 @@ class Masker:
             "device": device, "threads": self.threads, "replicas": await self._replicas(),
             "max_batch_size": self.max_batch_size, "batch_wait_ms": cfg.batch_wait_ms, "formats": list(FORMATS),
             "default_format": cfg.format, "default_threshold": cfg.threshold, "refines": list(REFINES),
-            "default_refine": {f: cfg.refine or default_refine(f) for f in FORMATS}, "max_bytes": cfg.max_bytes,
+            "default_refine": {f: cfg.refine or default_refine(f) for f in FORMATS}, "normalizes": list(NORMALIZES),
+            "default_normalize": cfg.normalize, "on_no_object": list(ON_NO_OBJECT),
+            "default_on_no_object": cfg.on_no_object, "max_bytes": cfg.max_bytes,
             "max_pixels": cfg.max_pixels,
             "replica": {"pid": os.getpid(), "rss_bytes": _rss_bytes(), "uptime_s": round(time.time() - self.started, 1),
                         **self.stats},
@@ -177,7 +183,8 @@ class Masker:
         self.stats["requests"] += 1
         try:
             options = mask_options(request.query_params, default_format=self.cfg.format,
-                                   default_threshold=self.cfg.threshold, default_refine=self.cfg.refine)
+                                   default_threshold=self.cfg.threshold, default_refine=self.cfg.refine,
+                                   default_normalize=self.cfg.normalize, default_on_no_object=self.cfg.on_no_object)
             content_type = request.headers.get("content-type", "")
             body = await self._body(request, multipart=content_type.lower().startswith("multipart/"))
             data, filename = await asyncio.to_thread(read_upload, body, content_type)  # a form's parse can be slow
@@ -185,7 +192,9 @@ class Masker:
                 raise RequestError(413, f"the image is {len(data)} bytes, above --max-bytes {self.cfg.max_bytes}")
             upload = await asyncio.to_thread(decode_upload, data, size=self.size, max_pixels=self.cfg.max_pixels,
                                              reduced=not self.cfg.full_decode, filename=filename)
-            prob = await self.predict(upload.image)
+            raw, quality = await self.predict(upload.image)
+            prob = finish_map(raw, normalize=options.normalize, no_object=bool(quality["no_object"]),
+                              on_no_object=options.on_no_object)
             png = await asyncio.to_thread(render_output, prob, upload.height, upload.width, fmt=options.format,
                                           threshold=options.threshold, source=upload.data,
                                           max_pixels=self.cfg.max_pixels, refine=options.refine)
@@ -195,11 +204,16 @@ class Masker:
         except ModelError as exc:
             return _json(503, {"error": f"the model failed on this batch: {exc}"})
         self.stats["masks"] += 1
+        self.stats["no_object"] += bool(quality["no_object"])
+        self.stats["confidence_deciles"][min(9, int(quality["confidence"] * 10))] += 1
         stem = Path(upload.filename).stem or "mask"
         name = "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "_" for c in stem)[:100]  # Latin-1 header
         return Response(png, media_type="image/png", headers={
             "Content-Disposition": f'inline; filename="{name}.{options.format}.png"',
-            "X-Image-Size": f"{upload.width}x{upload.height}"})
+            "X-Image-Size": f"{upload.width}x{upload.height}",
+            # the manifest's figures, exactly (repr: the shortest text that reads back as the same float)
+            "X-Mask-Confidence": repr(float(quality["confidence"])),
+            "X-Mask-No-Object": "true" if quality["no_object"] else "false"})
 
     async def _body(self, request: Request, *, multipart: bool) -> bytes:
         """The body, refused (413) as soon as it passes the limit (a form gets room for its own bytes)."""

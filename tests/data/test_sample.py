@@ -39,19 +39,39 @@ def test_generate_sample_is_byte_identical_for_same_arguments(tmp_path):
     assert first != files(generate_sample(str(tmp_path / "c"), **SMALL, seed=1))
 
 
-def test_sample_images_are_jpeg_and_masks_soft_8bit_png_of_same_size(sample_root):
-    sizes, soft_masks = set(), 0
+def test_sample_images_are_jpeg_and_masks_soft_8bit_png_of_same_size_one_in_eight_empty(sample_root):
+    sizes, soft_masks, empty = set(), 0, []
     for pair in discover(sample_root).train:
         with Image.open(pair.image) as image, Image.open(pair.mask) as mask:
             assert (image.format, image.mode) == ("JPEG", "RGB")
             assert (mask.format, mask.mode) == ("PNG", "L")
             assert image.size == mask.size
             values = np.asarray(mask)
+        if values.max() == 0:  # a scene without an object
+            empty.append(Path(pair.mask).stem)
+            continue
         assert values.min() == 0 and values.max() == 255
         soft_masks += bool(((values > 0) & (values < 255)).any())
         sizes.add(image.size)
-    assert soft_masks == 16  # every mask has anti-aliased edge values
+    assert empty == ["sample_tr_0007", "sample_tr_0015"]  # every 8th of the 16 training images
+    assert soft_masks == 14  # every object's mask has anti-aliased edge values
     assert len(sizes) > 1  # sizes vary by a few pixels
+
+
+def test_contrast_zero_hides_the_object_and_one_keeps_it(tmp_path):
+    def pair(contrast: float) -> tuple[np.ndarray, np.ndarray]:
+        return sample.make_example(40, 48, np.random.default_rng(3), contrast=contrast)
+
+    hidden, mask = pair(0.0)
+    shown, same_mask = pair(1.0)
+    assert np.array_equal(mask, same_mask) and mask.max() == 255
+    inside, outside = mask > 200, mask < 50
+    saturation = lambda image: (image.max(axis=2).astype(int) - image.min(axis=2))  # noqa: E731
+    # at 0 the object takes the background's colours: no more saturated inside than out
+    assert saturation(hidden)[inside].mean() < saturation(hidden)[outside].mean() + 10
+    assert saturation(shown)[inside].mean() > saturation(shown)[outside].mean() + 40
+    empty_image, empty_mask = sample.make_example(40, 48, np.random.default_rng(3), empty=True)
+    assert empty_mask.max() == 0 and empty_image.shape == (40, 48, 3)
 
 
 def test_sample_foreground_is_more_saturated_than_background(sample_root):
@@ -59,6 +79,8 @@ def test_sample_foreground_is_more_saturated_than_background(sample_root):
     for pair in discover(sample_root).train + discover(sample_root).val:
         image = np.asarray(Image.open(pair.image), dtype=np.float32) / 255
         mask = np.asarray(Image.open(pair.mask))
+        if mask.max() == 0:
+            continue  # a scene without an object
         saturation = image.max(axis=2) - image.min(axis=2)
         assert saturation[mask > 200].mean() > saturation[mask < 50].mean() + 0.15
 
@@ -74,7 +96,7 @@ def test_default_sample_dir_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("BASNET_SAMPLE_DIR", str(tmp_path / "here"))
     assert default_sample_dir() == str(tmp_path / "here")
     monkeypatch.delenv("BASNET_SAMPLE_DIR")
-    assert default_sample_dir().endswith(str(Path(".cache") / "basnet-ray" / "sample-v1"))
+    assert default_sample_dir().endswith(str(Path(".cache") / "basnet-ray" / "sample-v2"))
 
 
 def test_ensure_sample_generates_once_then_reuses(monkeypatch, tmp_path):

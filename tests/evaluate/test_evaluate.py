@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from pysod_reference import pysod_metrics
 from scipy import ndimage
+from scipy.stats import spearmanr
 
 from basnet import storage
 from basnet.data.sample import generate_sample, make_example
@@ -21,6 +22,7 @@ from basnet.evaluate.matching import prepare_folders
 from basnet.evaluate.report import PLOT_SIZE, metrics_table, sheet_size, write_report
 from basnet.evaluate.scoring import evaluate_folders, score_pairs
 from basnet.metrics import METRIC_KEYS, image_scores
+from basnet.quality import QUALITY_COLUMNS
 from basnet.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -266,10 +268,10 @@ def random_weights(tmp_path_factory) -> str:
 @pytest.mark.ray
 def test_weights_mode_predicts_then_scores_end_to_end_and_guided_refinement_beside_plain(
         ray_session, random_weights, tmp_path, capsys):
-    data = generate_sample(str(tmp_path / "data"), n_train=2, n_test=3, size=(48, 64), seed=5)
+    data = generate_sample(str(tmp_path / "data"), n_train=2, n_test=3, size=(48, 64), seed=5, empty_every=2)
     out = tmp_path / "eval"
     argv = ["--weights", random_weights, "--data", data, "--out", str(out), "--image-size", "32",
-            "--sheet-rows", "2", "--refine", "guided"]
+            "--sheet-rows", "2", "--refine", "guided", "--normalize", "none"]
     assert evaluate_job.main(argv) == 0
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["checkpoint"] == random_weights and doc["counts"]["images"] == 3
@@ -283,7 +285,21 @@ def test_weights_mode_predicts_then_scores_end_to_end_and_guided_refinement_besi
     assert any(differ)
     with Image.open(out / "best.png") as img:
         assert img.size == sheet_size(2)
+    # each image's quality figures, as the masking's manifest gave them, and how they rank the errors
+    per_image = pd.read_parquet(out / "per_image.parquet")
+    manifest = pd.concat(pd.read_parquet(p) for p in (out / "predictions" / "_manifest").glob("*.parquet"))
+    merged = per_image.merge(manifest, left_on="pred", right_on="output", suffixes=("", "_manifest"))
+    assert len(merged) == 3
+    for key in QUALITY_COLUMNS:
+        assert list(merged[key]) == list(merged[f"{key}_manifest"]), key
+    assert list(per_image["gt_empty"]) == [False, True, False]  # every 2nd held-out scene has no object
+    report = doc["confidence"]
+    assert doc["normalize"] == "none" and report["images"] == 3 and report["empty_scenes"] == 1
+    assert report["spearman_confidence_mae"] == pytest.approx(spearmanr(per_image["confidence"],
+                                                                        per_image["mae"]).statistic)
+    assert report["no_object"] == int(per_image["no_object"].sum())
     lines = capsys.readouterr().out.rstrip().splitlines()
+    assert any(line.startswith("confidence against per-image MAE over 3 images: Spearman ") for line in lines)
     assert lines[-3].startswith("| refine guided | ") and lines[-2].startswith("| refine none (plain) | ")
     assert lines[-1].startswith("| BASNet, paper (DUTS-TE) |")
 
@@ -318,6 +334,7 @@ def test_evaluate_checkpoint_scores_the_sample_held_out_images_and_ends_with_the
     (["--weights", "/no/such.pth", "--data", "sample"], "checkpoint not found: /no/such.pth"),
     (["--pred", "x", "--gt", "y", "--sheet-rows", "0"], "--sheet-rows must be positive"),
     (["--pred", "x", "--gt", "y", "--refine", "guided"], "--refine is for --weights"),
+    (["--pred", "x", "--gt", "y", "--normalize", "none"], "--normalize is for --weights"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     assert evaluate_job.main(argv) == 2

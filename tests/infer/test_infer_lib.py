@@ -26,7 +26,8 @@ from basnet.infer.naming import OutputNames, UnsafeNameError, safe_parts
 from basnet.infer.predictor import MaskPredictor
 from basnet.infer.stages import decode_batch, write_batch
 from basnet.model import BASNet
-from basnet.predict import predict_probabilities
+from basnet.predict import predict_raw
+from basnet.quality import QUALITY_COLUMNS, assess
 from basnet.transforms import resize_image, resize_mask
 
 from infer_collection import MAX_PIXELS, add_member, bad_files, encode, picture, valid_files, write_shard
@@ -273,7 +274,7 @@ def stage_columns(n: int) -> dict[str, np.ndarray]:
     return {stage: np.zeros(n) for stage in STAGES}
 
 
-def test_mask_predictor_matches_the_model_and_passes_failed_rows_through():
+def test_mask_predictor_gives_the_models_raw_maps_and_their_quality_and_passes_failed_rows_through():
     torch.manual_seed(0)
     model = BASNet().eval()
     images = np.stack([resize_image(picture(40, 40, s), 32) for s in range(3)])
@@ -281,10 +282,15 @@ def test_mask_predictor_matches_the_model_and_passes_failed_rows_through():
              "error": strings("", "bad", ""), **stage_columns(3),
              "image": strings(images[0].tobytes(), b"", images[2].tobytes())}
     out = MaskPredictor(model.state_dict(), device=torch.device("cpu"), image_size=32)(batch)
-    direct = predict_probabilities(model, torch.from_numpy(images[[0, 2]]), device=torch.device("cpu")).numpy()
+    direct = predict_raw(model, torch.from_numpy(images[[0, 2]]), device=torch.device("cpu")).numpy()
     probs = [np.frombuffer(p, np.float32).reshape(32, 32) if p else None for p in out["prob"]]
     assert "image" not in out and out["prob"][1] == b""
-    assert np.allclose(np.stack([probs[0], probs[2]]), direct, atol=1e-5)
+    raw = np.stack([probs[0], probs[2]])
+    assert np.allclose(raw, direct, atol=1e-5)  # the sigmoid as it is: normalised only when written
+    figures = assess(raw)
+    for key in QUALITY_COLUMNS:  # reduced by torch where the model ran, as NumPy does within rounding
+        assert np.allclose(out[key][[0, 2]], figures[key], rtol=1e-6, atol=1e-9), key
+    assert np.isnan(out["confidence"][1]) and not out["no_object"][1]
     assert list(out["status"]) == ["pending", "failed", "pending"]
     assert out["infer_s"][1] == 0 and out["infer_s"][0] > 0
 
@@ -301,7 +307,7 @@ def test_write_batch_writes_pending_rows_and_records_write_failures(tmp_path):
     assert list(out["status"]) == ["written", "failed", "failed"] and "cannot write" in out["error"][1]
     with Image.open(tmp_path / "o/a.png") as written:
         assert written.size == (20, 10) and not (tmp_path / "o/c.png").exists()
-    assert set(out) == {"input", "output", "width", "height", "status", "error", *STAGES}
+    assert set(out) == {"input", "output", "width", "height", "status", "error", *STAGES, *QUALITY_COLUMNS}
     assert out["encode_s"][0] > 0 and out["write_s"][0] > 0 and out["encode_s"][2] == 0
 
 

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from basnet.client import MaskingError, mask
+from basnet.client import MaskingError, mask, mask_with_quality
 from basnet.imaging import FORMATS
 from basnet.infer.config import InferConfig
+from basnet.infer.manifest import read_run_manifest
 from basnet.infer.ray_pipeline import run_inference
 from basnet.ray_init import free_port
 from basnet.serve.config import ServeConfig
@@ -170,6 +171,7 @@ def test_healthz_and_info_describe_the_service(server, weights):
     assert {k: info[k] for k in ("weights", "image_size", "replicas", "max_batch_size")} == {
         "weights": weights, "image_size": SIZE, "replicas": 1, "max_batch_size": 4}
     assert info["default_refine"] == {"mask": "none", "binary": "none", "rgba": "guided"}
+    assert (info["default_normalize"], info["default_on_no_object"]) == ("minmax", "keep")
     # on CPU: fp32, and the replica's CPUs (all of this machine's, as the banner says) as its threads
     assert (info["device"], info["precision"]) == ("cpu", "fp32")
     assert f"{info['threads']} CPU and 0 GPU each" in server.banner
@@ -177,29 +179,44 @@ def test_healthz_and_info_describe_the_service(server, weights):
     assert server.url in server.banner
 
 
-def test_served_masks_equal_the_bulk_jobs_byte_for_byte_in_every_format_and_refinement(
+def test_served_masks_and_their_quality_headers_equal_the_bulk_jobs_in_every_format_and_refinement(
         ray_session, server, held_out, weights, sample_root, tmp_path):
     """Sequential requests are batches of one, so the bulk job runs with --batch-size 1: the same
     model call on the same pixels (batches of other sizes can differ by 1e-6 before rounding).
-    Every format, and both refinements: plain masks, guided binary masks, and cut-outs with their
-    default (guided, with estimated foreground colours; asked without ?refine=, then checked to be
-    what ?refine=guided gives and not what ?refine=none gives)."""
+    Every format, and both refinements: plain masks (here the raw sigmoid, ?normalize=none, as the
+    job's --normalize none), guided binary masks, and cut-outs with their default (guided, with
+    estimated foreground colours; asked without ?refine=, then checked to be what ?refine=guided
+    gives and not what ?refine=none gives). The answers' X-Mask-Confidence and X-Mask-No-Object
+    headers carry the manifest's figures, exactly; /info counts them."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     for name, data in held_out.items():
         (inputs / name).write_bytes(data)
-    for fmt, refine in zip(FORMATS, ("none", "guided", None)):
+    before = server.info()["replica"]
+    answered = []
+    for fmt, refine, normalize in zip(FORMATS, ("none", "guided", None), ("none", None, None)):
         out = tmp_path / fmt
-        run_inference(InferConfig(input=str(inputs), output=str(out), weights=weights, image_size=SIZE,
-                                  batch_size=1, format=fmt, threshold=0.4, refine=refine))
-        asked = f"&refine={refine}" if refine else ""
+        summary = run_inference(InferConfig(input=str(inputs), output=str(out), weights=weights, image_size=SIZE,
+                                            batch_size=1, format=fmt, threshold=0.4, refine=refine,
+                                            normalize=normalize or "minmax"))
+        manifest = {Path(row["input"]).name: row for row in read_run_manifest(summary).to_pylist()}
         for name, data in held_out.items():
-            status, kind, body = server.post(data, f"?format={fmt}&threshold=0.4{asked}")
-            assert (status, kind) == (200, "image/png"), body[:300]
+            body, quality = mask_with_quality(server.url, data, format=fmt, threshold=0.4, refine=refine,
+                                              normalize=normalize)
             assert body == (out / (Path(name).stem + ".png")).read_bytes(), (fmt, refine, name)
+            assert quality == {key: manifest[name][key] for key in ("confidence", "no_object")}, (fmt, name)
+            answered.append(quality)
         if refine is None:  # the default is the guided path
             assert body == server.post(data, f"?format={fmt}&refine=guided")[2]
             assert body != server.post(data, f"?format={fmt}&refine=none")[2]
+            answered += [quality] * 2
+    assert not np.array_equal(png(mask(server.url, data, normalize="none")), png(mask(server.url, data)))
+    answered += [quality] * 2
+    after = server.info()["replica"]
+    assert after["masks"] - before["masks"] == len(answered)
+    assert after["no_object"] - before["no_object"] == sum(q["no_object"] for q in answered)
+    deciles = np.subtract(after["confidence_deciles"], before["confidence_deciles"])
+    assert list(deciles) == list(np.bincount([min(9, int(q["confidence"] * 10)) for q in answered], minlength=10))
     rotated = png(server.post(held_out["exif.jpg"])[2])
     assert rotated.shape == (40, 24)  # the displayed size, after EXIF orientation
 

@@ -49,7 +49,12 @@ def test_mask_options_take_the_defaults_and_refuse_bad_values():
     assert mask_options({"format": "binary", "threshold": "0"}) == MaskRequest("binary", 0.0, "none")
     assert mask_options({"refine": "guided"}) == MaskRequest("mask", 0.5, "guided")
     assert mask_options({"format": "rgba"}, default_refine="none") == MaskRequest("rgba", 0.5, "none")
-    for query, words in (({"format": "MASK"}, "format 'MASK'"), ({"threshold": "nan"}, "threshold 'nan'"),
+    assert mask_options({"normalize": "none", "on_no_object": "empty"}) == MaskRequest(
+        "mask", 0.5, "none", "none", "empty")
+    assert mask_options({}, default_normalize="none", default_on_no_object="empty") == MaskRequest(
+        "mask", 0.5, "none", "none", "empty")
+    for query, words in (({"normalize": "max"}, "normalize 'max' is not one of minmax, none"),
+                         ({"on_no_object": "drop"}, "on_no_object 'drop' is not one of keep, empty"),({"format": "MASK"}, "format 'MASK'"), ({"threshold": "nan"}, "threshold 'nan'"),
                          ({"threshold": "-0.1"}, "threshold '-0.1'"), ({"q": "1"}, "unknown parameter 'q'"),
                          ({"refine": "Guided"}, "refine 'Guided' is not one of none, guided")):
         with pytest.raises(RequestError, match=words) as err:
