@@ -7,8 +7,8 @@
 The listing is split into units (``basnet.infer.inputs``: subfolder trees, groups of listed
 images) that tasks list in parallel, so the first masks are written while other folders are
 still being listed, and the driver holds counts, never lists: its memory is the same for a
-million inputs as for ten. The weights are loaded by a Ray task (the driver never imports
-torch) into the object store, from where each replica takes them once.
+million inputs as for ten (and a bounded heap of the least confident masks, ``--review``). The
+weights are loaded by a Ray task (the driver never imports torch) into the object store.
 
 A run stops with ``JobFailed`` (exit status 1) when it is broken rather than some inputs
 (``basnet.infer.monitor``), and when the model keeps failing: a model error restarts its replica
@@ -17,9 +17,7 @@ after which the job ends naming the model's own error.
 
 Library use (the evaluation job masks DUTS-TE this way)::
 
-    from basnet.infer.config import InferConfig
-    from basnet.infer.ray_pipeline import run_inference
-
+    from basnet.infer.config import InferConfig; from basnet.infer.ray_pipeline import run_inference
     summary = run_inference(InferConfig(output="/preds", weights="/runs/x/epoch_0010", root="/DUTS-TE/Image"),
                             images=["/DUTS-TE/Image/a.jpg", ...])   # -> /preds/a.png ...
 """
@@ -285,11 +283,10 @@ def build_dataset(plan: InferPlan, units: list[dict], weights_ref: ray.ObjectRef
 def _write_in_actor(cfg: InferConfig) -> bool:
     """CPU replicas resize, encode and write their own masks; GPU replicas hand them to CPU tasks.
 
-    On a CPU node the model takes the node's CPUs, and writing costs about 1 % of the model's
-    time (stage seconds at 32 px: infer 26 s, encode 0.2 s, write 0.3 s per 1000 images), but a
-    separate write stage costs a Ray task per block, whose scheduling steals moments from the
-    model's threads: 1000 images took 45 s of model time instead of 26 s. A GPU replica must
-    never wait for a PNG encoder, so there the write stage stays apart."""
+    On a CPU node writing costs about 1 % of the model's time (at 32 px: infer 26 s, encode 0.2 s,
+    write 0.3 s per 1000 images), but a separate write stage's Ray task per block steals moments
+    from the model's threads: 1000 images took 45 s of model time instead of 26 s. A GPU replica
+    must never wait for a PNG encoder, so there the write stage stays apart."""
     return not cfg.num_gpus_per_actor
 
 
@@ -342,8 +339,8 @@ def execute(plan: InferPlan) -> InferSummary:
                 cfg.image_size, len(units), cfg.actors, cfg.runtime, cfg.num_gpus_per_actor, cfg.cpus_per_actor,
                 cfg.actor_threads)
     writer = ManifestWriter(plan.output_root, plan.run_id)
-    monitor, progress, not_images = RunMonitor(cfg.max_failed_fraction), Progress(None), Counter()
-    review = QualityReview(cfg.review, cfg.flag_below)
+    monitor, progress, not_images, review = (RunMonitor(cfg.max_failed_fraction), Progress(None), Counter(),
+                                             QualityReview(cfg.review, cfg.flag_below))
     health = _ModelHealth.remote()
     try:
         with _block_size(cfg), contextlib.closing(watched_dataset(
