@@ -106,6 +106,6 @@ def least_confident_ratio(confidence: np.ndarray, error: np.ndarray, share: floa
     if len(confidence) < 2:
         return float("nan")
     order = np.argsort(confidence, kind="mergesort")
-    k = max(1, int(round(share * len(order))))
+    k = max(1, round(share * len(order)))
     low, rest = error[order[:k]].mean(), error[order[k:]].mean()
     return float(low / rest) if rest > 0 else float("inf")

@@ -8,7 +8,10 @@
    ``--contrast``. ``jobs/evaluate.py --weights`` masks and scores them, once per ``--normalize``,
    and prints its confidence line; beside it, the same two figures for the raw map's largest value
    alone (the plain baseline), from the evaluation's per_image.parquet.
-2. The model stage's cost: the model's forward pass on a batch against ``basnet.quality.assess`` on
+2. The candidates the formula was chosen from: the model run directly on the same images (at the
+   checkpoint's side, the 7 side outputs kept), each candidate ranked against per-image MAE of the
+   raw map at that side (the ground truth resized to it).
+3. The model stage's cost: the model's forward pass on a batch against ``basnet.quality.assess`` on
    its maps, at the checkpoint's side and at 256 px (the published weights'), on this machine's CPU.
 """
 
@@ -59,7 +62,8 @@ def rank_figures(weights: str, data: str, out: str, normalize: str) -> None:
         sys.exit(f"jobs/evaluate.py failed: {proc.stderr[-2000:]}")
     line = next(line for line in proc.stdout.splitlines() if line.startswith("confidence against"))
     table = pd.read_parquet(os.path.join(out, "per_image.parquet"))
-    doc = json.load(open(os.path.join(out, "metrics.json")))
+    with open(os.path.join(out, "metrics.json")) as f:
+        doc = json.load(f)
     print(f"--normalize {normalize}: MAE {doc['metrics']['mae']:.4f}, maxF {doc['metrics']['max_f']:.3f}")
     print(f"  {line}")
     print(f"  baseline, the raw map's largest value alone: Spearman {spearman(table['peak'], table['mae']):+.3f}, "
@@ -67,6 +71,41 @@ def rank_figures(weights: str, data: str, out: str, normalize: str) -> None:
     missed = table[~table["gt_empty"] & (table["peak"] < 0.1)]
     print(f"  objects the model answered like an empty scene (largest value under 0.1): {len(missed)} of "
           f"{int((~table['gt_empty']).sum())}, mean MAE {missed['mae'].mean() if len(missed) else 0:.3f}")
+
+
+def candidates(weights: str, data: str) -> None:
+    from PIL import Image
+
+    from basnet.device import to_model_input
+    from basnet.imaging import decode_for_model
+
+    model, size = load_for_inference(weights, None)
+    folder = os.path.join(data, "DUTS-TE", "DUTS-TE-Image")
+    figures: dict[str, list[float]] = {}
+    errors = []
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            image = decode_for_model(f.read(), size).image
+        mask = Image.open(os.path.join(data, "DUTS-TE", "DUTS-TE-Mask", name.rsplit(".", 1)[0] + ".png"))
+        truth = np.asarray(mask.resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255
+        with torch.no_grad():
+            maps = [torch.sigmoid(m.float())[0, 0].numpy() for m in model(to_model_input(torch.from_numpy(image[None])))]
+        p, sides = maps[0], np.stack(maps[1:])
+        errors.append(float(np.abs(p - truth).mean()))
+        decision, expected = abs(2 * p.max() - 1), float((2 * p * (1 - p)).mean())
+        soft_iou = np.minimum(p, sides).sum(axis=(1, 2)) / np.maximum(np.maximum(p, sides).sum(axis=(1, 2)), 1e-9)
+        row = {"peak alone (baseline)": p.max(), "|2 peak - 1|": decision,
+               "|2 peak - 1| x (1 - expected_error) (chosen)": decision * (1 - expected),
+               "|2 peak - 1| x (1 - 2 expected_error)": decision * (1 - 2 * expected),
+               "|2 peak - 1| x exp(-20 expected_error)": decision * np.exp(-20 * expected),
+               "|2 peak - 1| x (1 - share in 0.1-0.9)": decision * (1 - ((p > 0.1) & (p < 0.9)).mean()),
+               "|2 peak - 1| x soft IoU with the side outputs": decision * float(soft_iou.mean())}
+        for key, value in row.items():
+            figures.setdefault(key, []).append(float(value))
+    print(f"candidates against the raw map's per-image MAE at {size} px ({len(errors)} images):")
+    for key, values in figures.items():
+        print(f"  {key:48s} Spearman {spearman(values, errors):+.3f}, least confident tenth "
+              f"{least_confident_ratio(values, errors):.2f}x")
 
 
 def overhead(weights: str, sides: list[int], batch: int, repeats: int) -> None:
@@ -105,6 +144,7 @@ def main() -> None:
               f"{args.contrast[0]:g}-{args.contrast[1]:g}, one in eight without an object")
         for normalize in args.normalize:
             rank_figures(args.weights, data, os.path.join(work, f"eval-{normalize}"), normalize)
+        candidates(args.weights, data)
     overhead(args.weights, args.sides, args.batch, args.repeats)
 
 

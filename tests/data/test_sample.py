@@ -58,6 +58,10 @@ def test_sample_images_are_jpeg_and_masks_soft_8bit_png_of_same_size_one_in_eigh
     assert len(sizes) > 1  # sizes vary by a few pixels
 
 
+def saturation(image: np.ndarray) -> np.ndarray:
+    return image.max(axis=2).astype(int) - image.min(axis=2)
+
+
 def test_contrast_zero_hides_the_object_and_one_keeps_it(tmp_path):
     def pair(contrast: float) -> tuple[np.ndarray, np.ndarray]:
         return sample.make_example(40, 48, np.random.default_rng(3), contrast=contrast)
@@ -66,7 +70,6 @@ def test_contrast_zero_hides_the_object_and_one_keeps_it(tmp_path):
     shown, same_mask = pair(1.0)
     assert np.array_equal(mask, same_mask) and mask.max() == 255
     inside, outside = mask > 200, mask < 50
-    saturation = lambda image: (image.max(axis=2).astype(int) - image.min(axis=2))  # noqa: E731
     # at 0 the object takes the background's colours: no more saturated inside than out
     assert saturation(hidden)[inside].mean() < saturation(hidden)[outside].mean() + 10
     assert saturation(shown)[inside].mean() > saturation(shown)[outside].mean() + 40
