@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["QUALITY_COLUMNS", "NORMALIZES", "ON_NO_OBJECT", "assess", "assess_tensor", "finish_map", "minmax", "spearman",
-           "least_confident_ratio"]
+__all__ = ["QUALITY_COLUMNS", "NORMALIZES", "ON_NO_OBJECT", "assess", "assess_tensor", "finish_map", "minmax",
+           "spearman", "least_confident_ratio"]
 
 NORMALIZES = ("minmax", "none")
 ON_NO_OBJECT = ("keep", "empty")

@@ -89,7 +89,8 @@ def candidates(weights: str, data: str) -> None:
         mask = Image.open(os.path.join(data, "DUTS-TE", "DUTS-TE-Mask", name.rsplit(".", 1)[0] + ".png"))
         truth = np.asarray(mask.resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255
         with torch.no_grad():
-            maps = [torch.sigmoid(m.float())[0, 0].numpy() for m in model(to_model_input(torch.from_numpy(image[None])))]
+            outputs = model(to_model_input(torch.from_numpy(image[None])))
+        maps = [torch.sigmoid(m.float())[0, 0].numpy() for m in outputs]
         p, sides = maps[0], np.stack(maps[1:])
         errors.append(float(np.abs(p - truth).mean()))
         decision, expected = abs(2 * p.max() - 1), float((2 * p * (1 - p)).mean())

@@ -3,10 +3,11 @@
 One replica holds one model. A request is read, checked and decoded on its own (``basnet.serve.http``,
 in a thread, so the event loop keeps taking requests); only decoded images join a batch
 (``@serve.batch``), which runs in the replica's one model thread; the map comes back to its request,
-which judges it (``basnet.quality``: the answer's ``X-Mask-Confidence`` and ``X-Mask-No-Object``
-headers, the same figures as the bulk job's manifest) and renders it at the image's original size
-exactly as the bulk job does (``basnet.imaging.render_output``). Out of memory halves the batch (``MaskPredictor``); a model
-that fails three batches in a row fails its health check and Serve replaces the replica.
+with its quality figures (``basnet.quality``: the answer's ``X-Mask-Confidence`` and
+``X-Mask-No-Object`` headers, the bulk job's manifest figures), and it is rendered at the image's
+original size exactly as the bulk job does (``basnet.imaging.render_output``). Out of memory halves
+the batch (``MaskPredictor``); a model that fails three batches in a row fails its health check and
+Serve replaces the replica.
 
 ``build_app(args)`` is the application builder ``serve run`` / ``serve deploy`` call with the
 ``args`` of configs/serve.yaml; ``serve_forever(cfg)`` is ``jobs/serve.py``.
@@ -105,9 +106,8 @@ class Masker:
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(images))
         try:
-            maps, figures = await asyncio.get_running_loop().run_in_executor(self.model_thread,
-                                                                             self.predictor.predict_assessed,
-                                                                    np.stack(images))
+            maps, figures = await asyncio.get_running_loop().run_in_executor(
+                self.model_thread, self.predictor.predict_assessed, np.stack(images))
         except ModelError as exc:
             self.failures_in_a_row, self.last_failure = self.failures_in_a_row + 1, str(exc)
             raise
