@@ -317,5 +317,6 @@ def test_the_page_shows_the_image_mask_and_cutout_in_headless_chromium(server, h
             browser.close()
     assert sizes == [[24, 40]] * 3  # 24 wide, 40 high once EXIF-rotated, in all three
     assert downloads == ["exif.mask.png", "exif.cutout.png"]
-    assert status.startswith("exif.jpg: done")
+    confidence = mask_with_quality(server.url, data, refine="guided")[1]["confidence"]
+    assert status.startswith("exif.jpg: done") and status.endswith(f"; confidence {confidence:.2f}")
     assert Image.open(tmp_path / "page.png").size[0] == 1200
