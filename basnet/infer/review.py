@@ -112,8 +112,14 @@ def _thumbnail(uri: str, mode: str, max_pixels: int | None) -> Image.Image | Non
     except (ImageDecodeError, OSError, ValueError) as exc:
         logger.warning("review sheet: cannot show %s: %s", uri, exc)
         return None
-    img.thumbnail((TILE, TILE), Image.Resampling.BILINEAR)
-    return img
+    return _fit(img)
+
+
+def _fit(img: Image.Image) -> Image.Image:
+    """Shrunk (bilinear) or enlarged (nearest: small images keep their pixels visible) to fit a cell."""
+    scale = TILE / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BILINEAR)
 
 
 def _alpha(uri: str) -> Image.Image | None:
@@ -125,8 +131,7 @@ def _alpha(uri: str) -> Image.Image | None:
     except (OSError, ValueError) as exc:
         logger.warning("review sheet: cannot show %s: %s", uri, exc)
         return None
-    alpha.thumbnail((TILE, TILE), Image.Resampling.BILINEAR)
-    return alpha
+    return _fit(alpha)
 
 
 def _cells(row: dict, max_pixels: int | None) -> list[Image.Image | None]:
