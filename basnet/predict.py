@@ -51,10 +51,7 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, *, device: tor
 
     ``images`` is uint8 NHWC; the result is float32 (N, H, W) on the CPU.
     """
-    x = to_model_input(to_device(images, device), memory_format=memory_format)
-    with precision.autocast(device):
-        refined = model(x)[0]
-    prob = torch.sigmoid(refined.float())[:, 0]
+    prob = _sigmoid_maps(model, images, device=device, precision=precision, memory_format=memory_format)
     lo = prob.amin(dim=(1, 2), keepdim=True)
     hi = prob.amax(dim=(1, 2), keepdim=True)
     return ((prob - lo) / (hi - lo).clamp_min(1e-8)).cpu()

@@ -21,14 +21,19 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["QUALITY_COLUMNS", "NORMALIZES", "ON_NO_OBJECT", "assess", "assess_tensor", "finish_map", "minmax",
-           "spearman", "least_confident_ratio"]
+__all__ = ["QUALITY_COLUMNS", "NORMALIZES", "ON_NO_OBJECT", "assess", "assess_tensor", "no_figures", "finish_map",
+           "minmax", "spearman", "least_confident_ratio"]
 
 NORMALIZES = ("minmax", "none")
 ON_NO_OBJECT = ("keep", "empty")
 # Per-image figures, in the order of the manifest's columns (float64, except no_object).
 QUALITY_COLUMNS = ("confidence", "no_object", "peak", "expected_error", "salient_share")
 NO_OBJECT_BELOW = 0.5  # peak under this: the model calls no pixel salient
+
+
+def no_figures(n: int) -> dict[str, np.ndarray]:
+    """The figures of ``n`` rows without a map (not pending: skipped, failed): NaN, and no_object False."""
+    return {key: np.zeros(n, bool) if key == "no_object" else np.full(n, np.nan) for key in QUALITY_COLUMNS}
 
 
 def assess(raw: np.ndarray) -> dict[str, np.ndarray]:

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from basnet.checkpoint import load_for_inference  # noqa: E402
 from basnet.data.sample import ensure_sample, generate_sample  # noqa: E402
 from basnet.predict import predict_raw  # noqa: E402
-from basnet.quality import assess_tensor, least_confident_ratio, spearman  # noqa: E402
+from basnet.quality import assess, assess_tensor, least_confident_ratio, spearman  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,7 +96,7 @@ def candidates(weights: str, data: str) -> None:
         decision, expected = abs(2 * p.max() - 1), float((2 * p * (1 - p)).mean())
         soft_iou = np.minimum(p, sides).sum(axis=(1, 2)) / np.maximum(np.maximum(p, sides).sum(axis=(1, 2)), 1e-9)
         row = {"peak alone (baseline)": p.max(), "|2 peak - 1|": decision,
-               "|2 peak - 1| x (1 - expected_error) (chosen)": decision * (1 - expected),
+               "|2 peak - 1| x (1 - expected_error) (chosen)": assess(p[None])["confidence"][0],
                "|2 peak - 1| x (1 - 2 expected_error)": decision * (1 - 2 * expected),
                "|2 peak - 1| x exp(-20 expected_error)": decision * np.exp(-20 * expected),
                "|2 peak - 1| x (1 - share in 0.1-0.9)": decision * (1 - ((p > 0.1) & (p < 0.9)).mean()),

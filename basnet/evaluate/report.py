@@ -12,14 +12,12 @@ import json
 import logging
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 from basnet import storage
 from basnet.evaluate.matching import EvalPair
 from basnet.evaluate.scoring import Evaluation, load_pair
-from basnet.imaging import ImageDecodeError, decode_image, encode_png
+from basnet.imaging import ImageDecodeError, decode_image, encode_png, sheet
 from basnet.quality import QUALITY_COLUMNS, least_confident_ratio, spearman
-from basnet.transforms import resize_image
 
 __all__ = ["PAPER_BASNET_DUTS_TE", "TABLE_COLUMNS", "metrics_table", "metrics_document", "write_report",
            "plot_pr_curve", "plot_f_curve", "contact_sheet", "sheet_size", "summary_text",
@@ -36,9 +34,6 @@ TABLE_COLUMNS = (("maxF", "max_f"), ("relaxFb", "relax_boundary_f"), ("MAE", "ma
 PLOT_SIZE = (640, 480)  # pixels (width, height) of pr_curve.png and f_curve.png
 _DPI = 100
 TILE = 128  # side of one contact-sheet cell
-_GAP = 4
-_HEADER = 20  # column titles
-_CAPTION = 16  # one line under each row: key, MAE, F
 REPORT_FILES = ("metrics.json", "metrics.md", "per_image.parquet", "pr_curve.png", "f_curve.png",
                 "worst.png", "best.png")
 _COLUMNS = ("image", "ground truth", "prediction", "error: +red -cyan")
@@ -198,24 +193,7 @@ def plot_f_curve(curves: dict[str, np.ndarray], title: str) -> bytes:
 
 def sheet_size(rows: int) -> tuple[int, int]:
     """``(width, height)`` in pixels of a contact sheet with ``rows`` images."""
-    width = len(_COLUMNS) * TILE + (len(_COLUMNS) + 1) * _GAP
-    return width, _HEADER + rows * (TILE + _CAPTION + _GAP)
-
-
-def _fit(array: np.ndarray) -> np.ndarray:
-    """An RGB uint8 array scaled to fit a TILE x TILE cell, centred on dark grey."""
-    rgb = array if array.ndim == 3 else np.repeat(array[:, :, None], 3, axis=2)
-    height, width = rgb.shape[:2]
-    scale = TILE / max(height, width)
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    if scale > 1:  # nearest when enlarging: small images keep their real pixels visible
-        scaled = np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.Resampling.NEAREST))
-    else:
-        scaled = resize_image(rgb, size)
-    cell = np.full((TILE, TILE, 3), 40, np.uint8)
-    top, left = (TILE - size[0]) // 2, (TILE - size[1]) // 2
-    cell[top:top + size[0], left:left + size[1]] = scaled
-    return cell
+    return sheet.sheet_size(len(_COLUMNS), rows, TILE)
 
 
 def _error_map(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
@@ -235,10 +213,11 @@ def _input_image(uri: str | None, shape: tuple[int, int]) -> np.ndarray:
     return np.full((*shape, 3), 90, np.uint8)  # no image known: a plain grey cell
 
 
-def _sheet_row(row: dict) -> list[np.ndarray]:
+def _sheet_row(row: dict) -> tuple[list[np.ndarray], str]:
     pair = EvalPair(key=row["key"], pred=row["pred"], gt=row["gt"], image=row.get("image"))
     pred, gt, _ = load_pair(pair)
-    return [_fit(_input_image(pair.image, gt.shape)), _fit(gt), _fit(pred), _fit(_error_map(pred, gt))]
+    caption = f"{row['key'][-40:]}   MAE {row['mae']:.4f}   max F {row['max_f']:.4f}"
+    return [_input_image(pair.image, gt.shape), gt, pred, _error_map(pred, gt)], caption
 
 
 def contact_sheet(rows: list[dict]) -> np.ndarray:
@@ -247,18 +226,7 @@ def contact_sheet(rows: list[dict]) -> np.ndarray:
     Returns:
         uint8 RGB array of :func:`sheet_size` ``(len(rows))``.
     """
-    width, height = sheet_size(len(rows))
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
-    for c, title in enumerate(_COLUMNS):
-        draw.text((_GAP + c * (TILE + _GAP), 4), title, fill=(0, 0, 0), font=font)
-    for r, row in enumerate(rows):
-        top = _HEADER + r * (TILE + _CAPTION + _GAP)
-        for c, cell in enumerate(_sheet_row(row)):
-            canvas.paste(Image.fromarray(cell), (_GAP + c * (TILE + _GAP), top))
-        caption = f"{row['key'][-40:]}   MAE {row['mae']:.4f}   max F {row['max_f']:.4f}"
-        draw.text((_GAP, top + TILE + 2), caption, fill=(0, 0, 0), font=font)
-    return np.asarray(canvas)
+    return sheet.compose(_COLUMNS, [_sheet_row(row) for row in rows], TILE)
 
 
 def _extremes(rows: list[dict], n: int) -> tuple[list[dict], list[dict]]:

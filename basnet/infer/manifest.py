@@ -44,6 +44,7 @@ MANIFEST_SCHEMA = pa.schema([
     # How sure the model was of a written mask (basnet.quality); null for rows not written by this run.
     *[(key, pa.bool_() if key == "no_object" else pa.float64()) for key in QUALITY_COLUMNS],
 ])
+_QUALITY_TYPES = {key: MANIFEST_SCHEMA.field(key).type for key in QUALITY_COLUMNS}
 
 
 def without_not_images(batch: dict[str, np.ndarray], counts: Counter) -> dict[str, np.ndarray]:
@@ -170,15 +171,8 @@ def _strings(values: Iterable, *, empty_is_null: bool = False) -> pa.Array:
 
 def _quality(batch: dict, written: np.ndarray) -> dict[str, pa.Array]:
     """The quality columns, null where no mask was written (or the batch carries none)."""
-    out = {}
-    for key in QUALITY_COLUMNS:
-        kind = pa.bool_() if key == "no_object" else pa.float64()
-        if key not in batch:
-            out[key] = pa.nulls(len(written), kind)
-            continue
-        values = np.asarray(batch[key], bool if key == "no_object" else np.float64)
-        out[key] = pa.array(values, kind, mask=~written)
-    return out
+    return {key: pa.array(np.asarray(batch[key]), kind, mask=~written) if key in batch else
+            pa.nulls(len(written), kind) for key, kind in _QUALITY_TYPES.items()}
 
 
 def _sizes(values: Iterable | None, n: int) -> pa.Array:

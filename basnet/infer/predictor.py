@@ -20,7 +20,7 @@ from basnet.device import compile_model, memory_format, resolve_precision, to_mo
 from basnet.infer.manifest import PENDING
 from basnet.model import BASNet
 from basnet.predict import predict_assessed
-from basnet.quality import QUALITY_COLUMNS, assess, minmax
+from basnet.quality import QUALITY_COLUMNS, assess, minmax, no_figures
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class MaskPredictor:
         pending = np.flatnonzero(np.asarray(batch["status"] == PENDING, dtype=bool))
         n = len(batch["status"])
         probs = np.full(n, b"", dtype=object)
-        quality = {key: np.zeros(n, bool) if key == "no_object" else np.full(n, np.nan) for key in QUALITY_COLUMNS}
+        quality = no_figures(n)
         infer_s = np.zeros(n)
         if len(pending):
             start = time.perf_counter()

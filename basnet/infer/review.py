@@ -17,10 +17,12 @@ import io
 import logging
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from basnet import storage
+from basnet.imaging import encode_png, sheet
 from basnet.imaging.decode import ImageDecodeError, open_image, oriented
+from basnet.infer.manifest import WRITTEN
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +30,7 @@ __all__ = ["QualityReview", "REVIEW_DIR", "SHEET", "LISTING", "TILE"]
 
 REVIEW_DIR = "_review"
 SHEET, LISTING = "least_confident.png", "least_confident.csv"
-TILE = 160  # side of one cell of the sheet
-_GAP, _HEADER, _CAPTION = 4, 20, 16
+TILE = 160  # side of one cell of the sheet (basnet.imaging.sheet lays it out)
 _COLUMNS = ("image", "mask", "cut-out")
 _BACKDROP = 128  # the grey a cut-out is shown over
 
@@ -54,7 +55,7 @@ class QualityReview:
             return
         status = np.asarray(batch["status"]).astype(str)
         confidence = np.asarray(batch["confidence"], np.float64)
-        written = np.flatnonzero((status == "written") & ~np.isnan(confidence))
+        written = np.flatnonzero((status == WRITTEN) & ~np.isnan(confidence))
         no_object = np.asarray(batch["no_object"], bool)
         self.scored += len(written)
         self.no_object += int(no_object[written].sum())
@@ -103,64 +104,40 @@ class QualityReview:
         return written
 
 
-def _thumbnail(uri: str, mode: str, max_pixels: int | None) -> Image.Image | None:
-    """The file at ``uri`` shrunk to fit a cell (a JPEG decoded at a reduced scale), or None."""
+def _photo(uri: str, max_pixels: int | None) -> Image.Image | None:
+    """The image at ``uri``, as shown (EXIF applied), a JPEG decoded at the DCT scale nearest above a
+    cell; None when it cannot be read (a tar shard's member, ``shard#name``, is not shown)."""
     try:
-        img = open_image(storage.read_bytes(uri), max_pixels)  # a tar shard's member (shard#name) is not shown
-        img.draft("RGB", (TILE, TILE))  # JPEG: the DCT scale nearest above the cell
-        img = oriented(img).convert(mode)
+        img = open_image(storage.read_bytes(uri), max_pixels)
+        img.draft("RGB", (TILE, TILE))
+        return oriented(img).convert("RGB")
     except (ImageDecodeError, OSError, ValueError) as exc:
         logger.warning("review sheet: cannot show %s: %s", uri, exc)
         return None
-    return _fit(img)
-
-
-def _fit(img: Image.Image) -> Image.Image:
-    """Shrunk (bilinear) or enlarged (nearest: small images keep their pixels visible) to fit a cell."""
-    scale = TILE / max(img.size)
-    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    return img.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BILINEAR)
 
 
 def _alpha(uri: str) -> Image.Image | None:
-    """The mask as a cell-sized greyscale image (an RGBA output's alpha), or None."""
+    """The mask as a greyscale image (an RGBA output's alpha), or None."""
     try:
         with Image.open(io.BytesIO(storage.read_bytes(uri))) as img:
             img.load()
-            alpha = img.getchannel("A") if img.mode in ("RGBA", "LA") else img.convert("L")
+            return img.getchannel("A") if img.mode in ("RGBA", "LA") else img.convert("L")
     except (OSError, ValueError) as exc:
         logger.warning("review sheet: cannot show %s: %s", uri, exc)
         return None
-    return _fit(alpha)
 
 
-def _cells(row: dict, max_pixels: int | None) -> list[Image.Image | None]:
-    photo = _thumbnail(row["input"], "RGB", max_pixels)
-    mask = _alpha(row["output"])
+def _sheet_row(row: dict, max_pixels: int | None) -> tuple[list[np.ndarray | None], str]:
+    """The image, the mask and the cut-out over grey (at the reduced photo's size), and the caption."""
+    photo, mask = _photo(row["input"], max_pixels), _alpha(row["output"])
+    flag = "  no object" if row["no_object"] else ""
+    caption = f"{row['confidence']:.3f}{flag}  {row['input'].rsplit('/', 1)[-1][-40:]}"
     if photo is None or mask is None:
-        return [photo, mask, None]
+        return [None if photo is None else np.asarray(photo), None if mask is None else np.asarray(mask), None], caption
     mask = mask.resize(photo.size, Image.Resampling.BILINEAR)
     cut = Image.composite(photo, Image.new("RGB", photo.size, (_BACKDROP,) * 3), mask)
-    return [photo, mask.convert("RGB"), cut]
+    return [np.asarray(photo), np.asarray(mask), np.asarray(cut)], caption
 
 
 def _sheet(rows: list[dict], max_pixels: int | None) -> bytes:
-    width = len(_COLUMNS) * TILE + (len(_COLUMNS) + 1) * _GAP
-    height = _HEADER + len(rows) * (TILE + _CAPTION + _GAP)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
-    for c, title in enumerate(_COLUMNS):
-        draw.text((_GAP + c * (TILE + _GAP), 4), title, fill=(0, 0, 0), font=font)
-    for r, row in enumerate(rows):
-        top = _HEADER + r * (TILE + _CAPTION + _GAP)
-        for c, cell in enumerate(_cells(row, max_pixels)):
-            left = _GAP + c * (TILE + _GAP)
-            draw.rectangle((left, top, left + TILE - 1, top + TILE - 1), fill=(40, 40, 40))
-            if cell is not None:
-                canvas.paste(cell, (left + (TILE - cell.width) // 2, top + (TILE - cell.height) // 2))
-        flag = "  no object" if row["no_object"] else ""
-        caption = f"{row['confidence']:.3f}{flag}  {row['input'].rsplit('/', 1)[-1][-40:]}"
-        draw.text((_GAP, top + TILE + 2), caption, fill=(0, 0, 0), font=font)
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_png(sheet.compose(_COLUMNS, [_sheet_row(row, max_pixels) for row in rows], TILE))

@@ -26,7 +26,7 @@ from basnet.errors import first_line
 from basnet.imaging import ImageDecodeError, decode_for_model, has_image_suffix, render_output
 from basnet.infer.manifest import FAILED, PENDING, SKIPPED, STAGES, WRITTEN
 from basnet.infer.naming import OutputNames, UnsafeNameError, output_uri, printable
-from basnet.quality import QUALITY_COLUMNS, finish_map
+from basnet.quality import QUALITY_COLUMNS, finish_map, no_figures
 
 __all__ = ["DECODED_COLUMNS", "decode_batch", "write_batch", "read_error"]
 
@@ -157,9 +157,7 @@ def write_batch(batch: dict[str, np.ndarray], *, fmt: str, threshold: float, siz
     status = np.array(batch["status"], dtype=object)
     error = np.array(batch["error"], dtype=object)
     encode_s, write_s = np.zeros(len(status)), np.zeros(len(status))
-    quality = {key: np.asarray(batch[key], bool if key == "no_object" else np.float64) if key in batch else
-               np.zeros(len(status), bool) if key == "no_object" else np.full(len(status), np.nan)
-               for key in QUALITY_COLUMNS}
+    quality = {**no_figures(len(status)), **{key: batch[key] for key in QUALITY_COLUMNS if key in batch}}
     for i in np.flatnonzero(status == PENDING):
         start = time.perf_counter()
         try:
