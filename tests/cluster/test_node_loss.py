@@ -73,8 +73,12 @@ def _submit_training(cluster: LocalCluster, job_id: str, data: str, storage: Pat
         # Every node of this cluster sees the storage folder (they share one machine).
         "BASNET_STORAGE_IS_SHARED": "1",
         # After a node is lost Ray Train first asks for the old worker count (its view of the
-        # cluster lags by up to 20 s) and waits this long before shrinking; 60 s by default.
-        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
+        # cluster, Ray Data's autoscaling coordinator, is refreshed every 20 s) and waits this long
+        # for the placement group before it asks again; 60 s by default. The wait covers nothing
+        # else (a placement group of a size that fits is ready at once), so short waits end soon
+        # after the view is fresh. A wait that times out is a controller failure, which Ray Train
+        # retries without limit by default: it is not charged to --max-failures.
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "8"}
     cmd = [RAY, "job", "submit", "--address", cluster.dashboard_url, "--submission-id", job_id,
            "--working-dir", ".", "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--",
            "python", "jobs/train.py", "--data", data, "--storage", str(storage), "--name", "elastic",
