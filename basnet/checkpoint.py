@@ -23,7 +23,7 @@ import yaml
 
 from basnet import storage
 from basnet.config import PUBLISHED_IMAGE_SIZE, plain
-from basnet.errors import UserError, first_line
+from basnet.errors import CheckpointError, first_line  # noqa: F401 (CheckpointError: callers import it from here)
 from basnet.model import BASNet
 
 logger = logging.getLogger(__name__)
@@ -33,10 +33,6 @@ MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"
 # Prefixes added by DataParallel / DistributedDataParallel and by torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-class CheckpointError(UserError):
-    """A checkpoint that is missing, unreadable or not in BASNet's layout."""
 
 
 def save_checkpoint(

@@ -12,7 +12,7 @@ import functools
 import sys
 from typing import Callable
 
-__all__ = ["UserError", "ConfigError", "UsageError", "DataError", "JobFailed", "first_line", "main_guard"]
+__all__ = ["UserError", "ConfigError", "UsageError", "DataError", "CheckpointError", "JobFailed", "first_line", "main_guard"]
 
 
 class UserError(ValueError):
@@ -29,6 +29,10 @@ class UsageError(UserError):
 
 class DataError(UserError):
     """A problem with the user's data, worded as one line that names the fix."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint (or an exported model) that is missing, unreadable or not in BASNet's layout."""
 
 
 class JobFailed(RuntimeError):

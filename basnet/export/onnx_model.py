@@ -17,7 +17,6 @@ import copy
 import io
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from basnet.device import to_model_input
+from basnet.export.ort import SIZE_KEY, onnx_image_size, ort_session
 from basnet.model import BASNet
 
 __all__ = ["Saliency", "export_onnx", "onnx_bytes", "onnx_image_size", "check_onnx", "CheckRow", "ort_session",
@@ -33,7 +33,6 @@ __all__ = ["Saliency", "export_onnx", "onnx_bytes", "onnx_image_size", "check_on
 logger = logging.getLogger(__name__)
 
 INPUT, OUTPUTS = "image", ("saliency", "side1", "side2", "side3", "side4", "side5", "side6", "bridge")
-SIZE_KEY = "basnet.image_size"  # metadata: the side masks are predicted at unless told otherwise
 
 
 class Saliency(nn.Module):
@@ -59,88 +58,39 @@ def export_onnx(model: BASNet, path: str, *, image_size: int, opset: int = 18, f
 
     The graph is traced at ``image_size``, or at 64 px when that is 32: ``torch.export`` treats a
     dimension of size 1 (32 px / 32) as a constant, which would fix the graph's height and width."""
+    program = _program(model, image_size=image_size, opset=opset, fp16=fp16, all_outputs=all_outputs)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    program.save(tmp, external_data=False)
+    os.replace(tmp, path)  # never a half-written model at --out
+
+
+def onnx_bytes(model: BASNet, *, image_size: int) -> bytes:
+    """``export_onnx``'s file as bytes (float32, the refined map only), serialised in memory: the
+    same bytes, without writing 350 MB to a temporary file and reading them back."""
+    return _program(model, image_size=image_size).model_proto.SerializeToString()
+
+
+def _program(model: BASNet, *, image_size: int, opset: int = 18, fp16: bool = False, all_outputs: bool = False):
+    """The exporter's ``ONNXProgram`` of ``model`` (see :func:`export_onnx`)."""
     wrapper = Saliency(model.eval(), all_outputs=all_outputs, fp16=fp16).eval()
     side = trace_side(image_size)
     example = torch.zeros(2, 3, side, side)
     batch = torch.export.Dim("batch", min=1, max=1024)
     height, width = torch.export.Dim("h32", min=1, max=512), torch.export.Dim("w32", min=1, max=512)
     names = list(OUTPUTS if all_outputs else OUTPUTS[:1])
-    tmp = f"{path}.tmp-{os.getpid()}"
     chatter = io.StringIO()  # the exporter prints its four steps on stdout
     with torch.no_grad(), contextlib.redirect_stdout(chatter):
         program = torch.onnx.export(wrapper, (example,), None, input_names=[INPUT], output_names=names,
                                     opset_version=opset, dynamo=True, verbose=False,
                                     dynamic_shapes={"x": {0: batch, 2: 32 * height, 3: 32 * width}})
-        program.model.metadata_props[SIZE_KEY] = str(image_size)
-        program.save(tmp, external_data=False)
-    os.replace(tmp, path)  # never a half-written model at --out
+    program.model.metadata_props[SIZE_KEY] = str(image_size)
     logger.debug("exporter: %s", chatter.getvalue())
-
-
-def onnx_bytes(model: BASNet, *, image_size: int) -> bytes:
-    """``export_onnx``'s file as bytes (float32, the refined map only)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "basnet.onnx")
-        export_onnx(model, path, image_size=image_size)
-        with open(path, "rb") as f:
-            return f.read()
-
-
-def onnx_image_size(model: bytes, source: str) -> int | None:
-    """The side an exported model was trained at (its ``SIZE_KEY`` metadata), or None if it has none,
-    after checking it is a self-contained ONNX model taking one (N, 3, H, W) image.
-
-    Raises:
-        CheckpointError: It is not (the message names ``source``).
-    """
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    from basnet.checkpoint import CheckpointError
-    from basnet.errors import first_line
-
-    hint = "pass one written by jobs/export.py, or a training checkpoint"
-    try:
-        proto = onnx.load_model_from_string(model)
-    except (DecodeError, ValueError) as exc:
-        raise CheckpointError(f"{source} is not an ONNX model ({type(exc).__name__}: {first_line(exc)}): "
-                              f"{hint}") from None
-    weights = {t.name for t in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in weights]
-    dims = inputs[0].type.tensor_type.shape.dim if inputs else []
-    if len(inputs) != 1 or len(dims) != 4 or dims[1].dim_value not in (0, 3):
-        raise CheckpointError(f"{source} is not an ONNX model of one (N, 3, H, W) image input: {hint}")
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
-        raise CheckpointError(f"{source} keeps its weights in external data files: {hint} (one file)")
-    value = {p.key: p.value for p in proto.metadata_props}.get(SIZE_KEY)
-    return int(value) if value and value.isdigit() else None
+    return program
 
 
 def trace_side(image_size: int) -> int:
     """The side ``export_onnx`` traces at: ``image_size``, but 64 for 32 (see there)."""
     return max(image_size, 64)
-
-
-def ort_session(model: str | bytes | np.ndarray, *, threads: int | None = None):
-    """An ONNX Runtime CPU session of an exported file (a path), its bytes or a uint8 array of them;
-    ``threads``: intra-op threads (default: ONNX Runtime's, one per physical core).
-
-    An array (a replica's graph, in Ray's object store) goes to ONNX Runtime through a temporary
-    file: its Python API takes a path or ``bytes``, and ``bytes`` would be one more copy of the model.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings about unused initialisers are not the user's concern
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    if isinstance(model, np.ndarray):
-        with tempfile.NamedTemporaryFile(prefix="basnet-", suffix=".onnx") as f:
-            f.write(memoryview(model))
-            f.flush()
-            return ort.InferenceSession(f.name, options, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 @dataclass

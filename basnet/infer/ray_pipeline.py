@@ -148,24 +148,24 @@ class _ModelHealth:
 
 
 class _PredictorActor:
-    """The Ray actor around ``MaskPredictor`` (torch is imported here, never on the driver)."""
+    """The Ray actor around ``MaskPredictor`` (torch is imported here for ``--runtime torch``, never
+    on the driver)."""
 
     def __init__(self, weights: tuple, health, threads: int, image_size: int, options: dict,
                  write: dict | None = None) -> None:
-        import torch
-
         from basnet.infer.predictor import MaskPredictor
 
         # The reference arrives inside a tuple so Ray does not resolve it before the actor needs it.
         state = ray.get(weights[0])
         context = ray.get_runtime_context()
         health.started.remote(context.get_actor_id(), context.current_actor)
-        use_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-        if not use_gpu:
-            torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers
+        device = "cpu"
+        if options.get("runtime") != "onnxruntime":  # the ONNX path never imports torch (0.47 GB)
+            device = "cuda" if ray.get_gpu_ids() and __import__("torch").cuda.is_available() else "cpu"
         self.health, self.write = health, write
-        self.predictor = MaskPredictor(state, device=torch.device("cuda" if use_gpu else "cpu"),
-                                       image_size=image_size, **options)
+        # Ray sets OMP_NUM_THREADS=1 in workers: a CPU replica runs its model on the CPUs it asked for.
+        self.predictor = MaskPredictor(state, device=device, image_size=image_size,
+                                       threads=threads if device == "cpu" else None, **options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from basnet.infer.predictor import ModelError

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import io
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -137,3 +139,34 @@ def test_on_no_object_empty_writes_empty_masks_for_the_flagged_images_only(runs)
         else:
             assert np.array_equal(after, before), name
     assert empty.review == {}  # no --review, no sheet
+
+
+# What a replica on --runtime onnxruntime runs (the actor's module, the predictor, the write stage
+# it renders with), in a fresh interpreter: torch is 0.47 GB resident in each process that imports it.
+REPLICA = """
+import sys
+import numpy as np
+from basnet.infer import ray_pipeline  # the module of the replicas' actor class
+from basnet.infer.predictor import MaskPredictor
+from basnet.infer.stages import decode_batch, write_batch
+items = {"kind": ["image"], "source": [sys.argv[2]], "output": [sys.argv[3]]}
+batch = {k: np.array(v, dtype=object) for k, v in items.items()}
+batch.update(input=batch["source"], status=np.array(["pending"], dtype=object),
+             error=np.array([""], dtype=object), list_s=np.zeros(1))
+decoded, = decode_batch(batch, size=32, max_pixels=10**8, keep_bytes=True, overwrite=False,
+                        batch_size=1)
+predictor = MaskPredictor(sys.argv[1], runtime="onnxruntime", image_size=32, threads=1)
+out = write_batch(predictor(decoded), fmt="rgba", threshold=0.5, size=32, refine="guided")
+print(list(out["status"]), sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+"""
+
+
+def test_a_replica_on_onnxruntime_masks_and_writes_without_importing_torch(tmp_path):
+    Image.fromarray(picture(255, 0)).save(tmp_path / "object.png")
+    weights = red_channel_model(str(tmp_path / "red.onnx"))
+    proc = subprocess.run([sys.executable, "-c", REPLICA, weights, str(tmp_path / "object.png"),
+                           str(tmp_path / "out" / "object.png")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["['written']", "[]"], proc.stdout
+    with Image.open(tmp_path / "out" / "object.png") as cutout:
+        assert cutout.mode == "RGBA" and cutout.size == (SIDE, SIDE)
