@@ -121,3 +121,27 @@ def test_bad_arguments_exit_2_with_one_line(weights, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1, err
     assert taken.read_bytes() == b"x"  # never overwritten without --overwrite
+
+
+def test_the_session_a_replica_holds_gives_the_fully_optimised_sessions_outputs_bit_for_bit(exported, monkeypatch,
+                                                                                         caplog):
+    """ort_session optimises the graph in a child process and loads the result as it is: the same
+    outputs as ONNX Runtime's full optimisation made in this process, and its NumPy input is
+    to_model_input's. If the child fails, the session is optimised here, with a warning."""
+    import onnxruntime as ort
+
+    from basnet.export import ort as ort_module
+
+    path, _ = exported
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
+    x = ort_module.model_input(images)
+    assert np.array_equal(x, to_model_input(images).numpy())
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    expected = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    assert np.array_equal(ort_session(path).run(None, {"image": x})[0], expected)
+    monkeypatch.setattr(ort_module, "_OPTIMISE", "raise SystemExit('no optimiser here')")
+    with caplog.at_level("WARNING", logger=ort_module.__name__):
+        fallback = ort_session(np.fromfile(path, np.uint8))
+    assert "no optimiser here" in caplog.text
+    assert np.array_equal(fallback.run(None, {"image": x})[0], expected)
