@@ -358,7 +358,7 @@ def export_onnx(weights: str, path: str) -> str:
     return path
 
 
-def rembg_against_job(work: str, weights: str) -> None:
+def rembg_against_job(work: str, weights: str, counts: list[int]) -> None:
     if not REMBG.exists():
         print(f"\nrembg: {REMBG} is missing (make rembg)")
         return
@@ -372,7 +372,7 @@ def rembg_against_job(work: str, weights: str) -> None:
           "ONNX Runtime in both (wall seconds with start-up; largest process GB)")
     print("| photos | rembg s | rembg GB | job s | job GB | job / rembg time | job process |")
     print("|---|---:|---:|---:|---:|---:|---|")
-    for mp, count in ((12, 4), (12, 16), (48, 1), (100, 1)):
+    for mp, count in [(12, n) for n in counts] + [(48, 1), (100, 1)]:
         paths = photos(work, mp, count)
         with tempfile.TemporaryDirectory() as folder:
             for p in paths:
@@ -391,6 +391,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 12, 48], help="megapixels: 1, 12, 48 or 100")
     parser.add_argument("--weights", help="a trained checkpoint (make demo: demo_out/runs/demo/epoch_0003)")
     parser.add_argument("--all", action="store_true", help="with --weights: every section")
+    parser.add_argument("--rembg-photos", type=int, nargs="+", default=[4, 16],
+                        help="rembg section: how many 12 MP photos per row (then 1 x 48 MP and 1 x 100 MP)")
     parser.add_argument("--sections", nargs="+", default=None,
                         choices=["stages", "sensitivity", "job", "memory", "rembg"])
     args = parser.parse_args()
@@ -406,7 +408,7 @@ def main() -> None:
     if "memory" in sections:
         memory_100mp(args.work, args.weights)
     if "rembg" in sections:
-        rembg_against_job(args.work, args.weights)
+        rembg_against_job(args.work, args.weights, args.rembg_photos)
 
 
 if __name__ == "__main__":
