@@ -391,9 +391,9 @@ def dry_run(plan: InferPlan, *, examples: int = 3) -> DryRun:
         result.refused += int(np.sum(status == FAILED))
         for fate, rows in (("mask", np.flatnonzero(status == PENDING)), ("skip", np.flatnonzero(status == SKIPPED)),
                            ("refused", np.flatnonzero(status == FAILED))):
-            for i in rows[: examples - len(result.examples[fate])]:
-                detail = batch["output"][i] if fate != "refused" else batch["error"][i]
-                result.examples[fate].append(f"{batch['input'][i]} -> {detail}")
+            # The first inputs by name, whatever order the listing's batches arrive in.
+            found = [f"{batch['input'][i]} -> {batch['output' if fate != 'refused' else 'error'][i]}" for i in rows]
+            result.examples[fate] = sorted(result.examples[fate] + found)[:examples]
     result.seconds = time.perf_counter() - start
     if not (result.to_mask or result.shards or result.to_skip or result.refused):
         raise _no_inputs(plan, result.not_images)

@@ -64,11 +64,9 @@ def test_onnx_runtime_masks_match_this_projects_masks_within_one_grey_level(expo
 
 def test_an_export_names_its_size_and_the_bulk_job_loads_it_as_is_or_refuses_it_in_one_line(exported, tmp_path):
     path, _ = exported  # exported with --image-size 64
-    data = Path(path).read_bytes()
     assert {p.key: p.value for p in onnx.load(path).metadata_props}[SIZE_KEY] == "64"
-    for size, expected in ((None, 64), (32, 32)):
-        graph, side = load_weights(path, size, "onnxruntime")
-        assert (graph.tobytes(), side) == (data, expected)
+    for size, expected in ((None, 64), (32, 32)):  # checked, then read by each replica as it is
+        assert load_weights(path, size, "onnxruntime") == (path, expected)
     bare = onnx.load(path)
     del bare.metadata_props[:]  # an ONNX model from elsewhere: its size must be given
     onnx.save(bare, tmp_path / "bare.onnx")
