@@ -190,6 +190,9 @@ def test_served_masks_and_their_quality_headers_equal_the_bulk_jobs_in_every_for
     headers carry the manifest's figures, exactly; /info counts them."""
     inputs = tmp_path / "in"
     inputs.mkdir()
+    # Two held-out images and the EXIF-rotated one: each request is a batch of one, so more images
+    # would only repeat the same comparison (about 0.4 s a request and a bulk job's image here).
+    held_out = {name: held_out[name] for name in [*sorted(set(held_out) - {"exif.jpg"})[:2], "exif.jpg"]}
     for name, data in held_out.items():
         (inputs / name).write_bytes(data)
     before = server.info()["replica"]
