@@ -143,8 +143,13 @@ class MaskPredictor:
 
             self.device_type = "cpu"
             if isinstance(state_dict, str):  # a .onnx file's URI: a local path is read by ONNX Runtime
-                state_dict = storage.read_bytes(state_dict) if storage.is_s3(state_dict) else \
-                    storage.filesystem(state_dict)[1]  # S3: to a temporary file, then freed
+                uri = state_dict
+                state_dict = storage.read_bytes(uri) if storage.is_s3(uri) else storage.filesystem(uri)[1]
+                if isinstance(state_dict, str) and not os.path.isfile(state_dict):  # S3: bytes, then freed
+                    from basnet.errors import CheckpointError
+
+                    raise CheckpointError(f"{uri} is not on this node of the cluster: pass --weights as an s3:// "
+                                          "URI or a path every node sees")
             self.session = ort_session(state_dict, threads=threads or _torch_threads())  # bytes, array or path
             self.input_name = self.session.get_inputs()[0].name
             return
