@@ -2,8 +2,9 @@
 
 What a bulk-masking replica on the ONNX path imports (``--runtime onnxruntime``), and the task that
 checks an exported file for it, so those processes hold the session and nothing of torch (0.47 GB
-resident once imported). ``model_input`` gives
-the float32 values ``basnet.device.to_model_input`` gives, computed the same way in NumPy.
+resident once imported). ``model_input`` gives the float32 values ``basnet.device.to_model_input``
+gives, computed the same way in NumPy. The child process that optimises a graph (``_OPTIMISE``)
+repeats ``_options``' settings in its own few lines: it imports nothing of this package.
 """
 
 from __future__ import annotations

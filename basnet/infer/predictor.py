@@ -142,10 +142,11 @@ class MaskPredictor:
             from basnet.export.ort import ort_session
 
             self.device_type = "cpu"
-            if isinstance(state_dict, str):  # a .onnx file's URI: a local path is read by ONNX Runtime
-                uri = state_dict
-                state_dict = storage.read_bytes(uri) if storage.is_s3(uri) else storage.filesystem(uri)[1]
-                if isinstance(state_dict, str) and not os.path.isfile(state_dict):  # S3: bytes, then freed
+            if isinstance(state_dict, str) and storage.is_s3(state_dict):  # a .onnx file's URI
+                state_dict = storage.read_bytes(state_dict)  # to a temporary file, then freed
+            elif isinstance(state_dict, str):  # a local path: ONNX Runtime reads it
+                uri, state_dict = state_dict, storage.filesystem(state_dict)[1]
+                if not os.path.isfile(state_dict):
                     from basnet.errors import CheckpointError
 
                     raise CheckpointError(f"{uri} is not on this node of the cluster: pass --weights as an s3:// "
