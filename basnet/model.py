@@ -17,9 +17,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import ResNet34_Weights, resnet34
-from torchvision.models.resnet import BasicBlock
-
+from basnet.backbone import BasicBlock, resnet34_layers
 from basnet.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
@@ -121,14 +119,11 @@ class BASNet(nn.Module):
 
     def __init__(self, *, backbone_weights: str | None = None) -> None:
         super().__init__()
-        resnet = resnet34(weights=None)
+        layers = resnet34_layers()
         self.inconv = nn.Conv2d(3, 64, 3, padding=1)
         self.inbn = nn.BatchNorm2d(64)
         self.inrelu = nn.ReLU(inplace=True)
-        self.encoder1 = resnet.layer1
-        self.encoder2 = resnet.layer2
-        self.encoder3 = resnet.layer3
-        self.encoder4 = resnet.layer4
+        self.encoder1, self.encoder2, self.encoder3, self.encoder4 = layers
         for stage in (5, 6):  # two extra 512-wide stages, each one max-pool deeper
             self.add_module(f"pool{stage - 1}", nn.MaxPool2d(2, 2, ceil_mode=True))
             for j in range(1, 4):
@@ -248,12 +243,14 @@ def check_backbone_weights(source: str | None) -> None:
     """
     if source in (None, "none"):
         return
-    encoders = nn.ModuleDict({f"encoder{i}": getattr(resnet34(weights=None), f"layer{i}") for i in range(1, 5)})
+    encoders = nn.ModuleDict({f"encoder{i}": layer for i, layer in enumerate(resnet34_layers(), 1)})
     _copy_backbone(encoders, backbone_state_dict(source), source)
 
 
 def _imagenet_state_dict() -> dict[str, torch.Tensor]:
     """Download torchvision's ImageNet ResNet-34 weights (cached under TORCH_HOME)."""
+    from torchvision.models import ResNet34_Weights  # only here: see basnet/backbone.py
+
     try:
         return ResNet34_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
     except (OSError, RuntimeError) as error:  # URLError is an OSError; bad hash a RuntimeError

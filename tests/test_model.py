@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet34
 
+from basnet.backbone import resnet34_layers
 from basnet.model import BASNet, count_parameters
 from basnet.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -108,6 +111,36 @@ def test_convs_outside_the_encoder_are_xavier_initialised(model):
     assert conv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.01)
     assert torch.count_nonzero(conv.bias) == 0
     assert torch.count_nonzero(model.refunet.conv_d0.bias) == 0
+
+
+def test_encoder_layers_are_torchvisions_resnet34_layers_drawn_from_the_same_random_numbers():
+    torch.manual_seed(3)
+    ours = resnet34_layers()
+    after_ours = torch.get_rng_state()
+    torch.manual_seed(3)
+    theirs = resnet34(weights=None)
+    assert torch.equal(torch.get_rng_state(), after_ours)  # the rest of BASNet draws the same numbers too
+    for i, layer in enumerate(ours, 1):
+        reference = getattr(theirs, f"layer{i}").state_dict()
+        assert list(layer.state_dict()) == list(reference)
+        assert all(torch.equal(v, reference[k]) for k, v in layer.state_dict().items())
+    x = torch.randn(1, 64, 32, 32)
+    with torch.no_grad():
+        for layer in ours:
+            layer.eval()
+        theirs.eval()
+        ours_out = ours[3](ours[2](ours[1](ours[0](x))))
+        theirs_out = theirs.layer4(theirs.layer3(theirs.layer2(theirs.layer1(x))))
+    assert torch.equal(ours_out, theirs_out)
+
+
+def test_building_the_model_and_loading_a_checkpoint_import_no_torchvision():
+    # torchvision costs each process that builds the model 1.6-3 s and 160 MB (basnet/backbone.py).
+    code = ("import sys, basnet.model, basnet.checkpoint, basnet.train.engine, basnet.infer.predictor; "
+            "basnet.model.BASNet(); print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 def test_imagenet_constants_are_the_torchvision_ones():
