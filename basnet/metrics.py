@@ -18,7 +18,6 @@ import warnings
 from collections.abc import Iterable
 
 import numpy as np
-import py_sod_metrics
 from scipy import ndimage
 
 __all__ = ["METRIC_KEYS", "SODMetrics", "image_scores", "relax_boundary_f"]
@@ -46,18 +45,27 @@ def _check_pair(pred: np.ndarray, gt: np.ndarray) -> None:
                          "to the ground truth's size before scoring")
 
 
-def _fmeasure() -> py_sod_metrics.Fmeasure:
+def _pysod():
+    """pysodmetrics, imported when an image is first scored: it imports scikit-learn (about 1.2 s
+    and 100 MB), which processes that only build ``SODMetrics`` (a job's driver, a Tune trial's
+    launcher) need not pay."""
+    import py_sod_metrics
+
+    return py_sod_metrics
+
+
+def _fmeasure():
     # pysodmetrics 1.6 warns that Fmeasure will make way for FmeasureV2; its values are the
     # reference ones, and the warning would repeat once per image.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will be removed.*")
-        return py_sod_metrics.Fmeasure(beta=_BETA2)
+        return _pysod().Fmeasure(beta=_BETA2)
 
 
 def _pysod_row(pred: np.ndarray, gt: np.ndarray) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """The pysodmetrics values of one image: scalars and 256-threshold curves."""
-    fm, mae, sm, em, wfm = (_fmeasure(), py_sod_metrics.MAE(), py_sod_metrics.Smeasure(),
-                            py_sod_metrics.Emeasure(), py_sod_metrics.WeightedFmeasure())
+    pysod = _pysod()
+    fm, mae, sm, em, wfm = _fmeasure(), pysod.MAE(), pysod.Smeasure(), pysod.Emeasure(), pysod.WeightedFmeasure()
     for metric in (fm, mae, sm, em, wfm):
         metric.step(pred=pred, gt=gt)
     # Each object saw one image, so its "mean over images" is that image's value, exactly.
@@ -124,7 +132,7 @@ def image_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
         ``{"mae": float, "max_f": float}``.
     """
     _check_pair(pred, gt)
-    fm, mae = _fmeasure(), py_sod_metrics.MAE()
+    fm, mae = _fmeasure(), _pysod().MAE()
     fm.step(pred=pred, gt=gt)
     mae.step(pred=pred, gt=gt)
     return {"mae": float(mae.get_results()["mae"]), "max_f": float(np.max(fm.get_results()["fm"]["curve"]))}
