@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(InferConfig, argv, __doc__.splitlines()[0])
     setup_logging(cfg.verbose)
     plan = plan_inference(cfg)  # every argument error surfaces here, before Ray starts
-    init_ray(plan.config.address, verbose=cfg.verbose)
+    # No dashboard for a Ray started here: masking needs neither it nor the State API (docs/infer.md).
+    init_ray(plan.config.address, verbose=cfg.verbose, dashboard=False)
     from basnet.infer.ray_pipeline import dry_run, execute
 
     if cfg.dry_run:
