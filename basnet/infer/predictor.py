@@ -142,6 +142,7 @@ class MaskPredictor:
             from basnet.export.ort import ort_session
 
             self.device_type = "cpu"
+            uri = state_dict if isinstance(state_dict, str) else "the model"
             if isinstance(state_dict, str) and storage.is_s3(state_dict):  # a .onnx file's URI
                 state_dict = storage.read_bytes(state_dict)  # to a temporary file, then freed
             elif isinstance(state_dict, str):  # a local path: ONNX Runtime reads it
@@ -151,7 +152,15 @@ class MaskPredictor:
 
                     raise CheckpointError(f"{uri} is not on this node of the cluster: pass --weights as an s3:// "
                                           "URI or a path every node sees")
-            self.session = ort_session(state_dict, threads=threads or _torch_threads())  # bytes, array or path
+            try:
+                self.session = ort_session(state_dict, threads=threads or _torch_threads())  # bytes, array or path
+            except Exception as exc:  # ONNX Runtime's own classes (Fail, InvalidGraph, ...) derive from Exception
+                if not type(exc).__module__.startswith("onnxruntime"):
+                    raise
+                from basnet.errors import CheckpointError, first_line
+
+                raise CheckpointError(f"ONNX Runtime cannot load {uri}: {first_line(exc)}: pass a model written by "
+                                      "jobs/export.py, or a training checkpoint") from None
             self.input_name = self.session.get_inputs()[0].name
             return
         import torch

@@ -132,6 +132,15 @@ class _ModelHealth:
     def __init__(self) -> None:
         self.errors: list[str] = []
         self.replicas: dict[str, object] = {}
+        self.start_error: Exception | None = None
+
+    def failed_start(self, error: Exception) -> None:
+        self.start_error = error
+
+    def why_not_started(self) -> Exception | None:
+        """The user's error a replica's start raised (weights it cannot load), which Ray hands the
+        driver only as text inside an ``ActorDiedError``."""
+        return self.start_error
 
     def started(self, actor_id: str, replica) -> None:
         self.replicas[actor_id] = replica  # a restarted replica is the same actor
@@ -163,9 +172,13 @@ class _PredictorActor:
         if options.get("runtime") != "onnxruntime":  # the ONNX path never imports torch (0.47 GB)
             device = "cuda" if ray.get_gpu_ids() and __import__("torch").cuda.is_available() else "cpu"
         self.health, self.write = health, write
-        # Ray sets OMP_NUM_THREADS=1 in workers: a CPU replica runs its model on the CPUs it asked for.
-        self.predictor = MaskPredictor(state, device=device, image_size=image_size,
-                                       threads=threads if device == "cpu" else None, **options)
+        try:
+            # Ray sets OMP_NUM_THREADS=1 in workers: a CPU replica runs its model on the CPUs it asked for.
+            self.predictor = MaskPredictor(state, device=device, image_size=image_size,
+                                           threads=threads if device == "cpu" else None, **options)
+        except UserError as exc:
+            ray.get(health.failed_start.remote(exc))
+            raise
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from basnet.infer.predictor import ModelError
@@ -359,6 +372,8 @@ def execute(plan: InferPlan) -> InferSummary:
         if isinstance(exc, (JobFailed, UserError)) and not isinstance(exc, ray.exceptions.RayError):
             raise  # the monitor's own verdict
         if (error := user_error(exc)) is not None:  # a Ray or Ray Data error carrying a user's cause
+            raise error from None
+        if (error := ray.get(health.why_not_started.remote())) is not None:
             raise error from None
         if (model_error := ray.get(health.last.remote())) is not None:
             raise JobFailed(f"the model failed {MODEL_RESTARTS + 1} times (replica restarted "

@@ -22,6 +22,7 @@ from PIL import Image
 
 from basnet import storage
 from basnet.checkpoint import load_model
+from basnet.errors import CheckpointError
 from basnet.infer.config import InferConfig
 from basnet.infer.manifest import not_images_line, read_run_manifest
 from basnet.infer.predictor import MaskPredictor, load_weights
@@ -155,6 +156,26 @@ def test_an_exported_onnx_file_as_weights_runs_on_onnxruntime_as_is_and_matches_
     assert here.keys() == there.keys()
     worst = max(np.abs(grey(here[rel]).astype(np.int16) - grey(there[rel])).max() for rel in here)
     assert worst <= 1, worst
+
+
+def test_a_model_onnx_runtime_cannot_load_ends_the_run_with_its_replicas_one_line_error(ray_session, collection,
+                                                                                         tmp_path):
+    # The driver's check reads the graph's inputs, not its operators: this one passes it, and only
+    # a replica's session finds it cannot run it. Ray hands the driver that only as an ActorDiedError.
+    from onnx import TensorProto, helper
+
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, "h", "w"])
+    saliency = helper.make_tensor_value_info("saliency", TensorProto.FLOAT, ["n", 1, "h", "w"])
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["image"], ["saliency"], domain="com.example")],
+                              "foreign", [image], [saliency])
+    path = str(tmp_path / "foreign.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.example", 1)]), path)
+    with pytest.raises(CheckpointError) as info:
+        run_inference(config(collection[0], str(tmp_path / "out"), path))
+    message = str(info.value)
+    assert message.startswith(f"ONNX Runtime cannot load {path}: ") and "NoSuchOp" in message, message
+    assert "\n" not in message and message.endswith("pass a model written by jobs/export.py, or a training checkpoint")
 
 
 def test_s3_in_and_out_gives_the_local_runs_masks_within_one_grey_level(collection, local_run, weights, s3_bucket):
