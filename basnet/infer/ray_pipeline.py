@@ -40,6 +40,7 @@ import ray.data
 
 from basnet import storage
 from basnet.errors import JobFailed, UsageError, UserError
+from basnet.infer.ray_health import ModelHealth, stop_replicas
 from basnet.imaging import IMAGE_SUFFIXES
 from basnet.infer.config import InferConfig, cpu_batch_size
 from basnet.infer.inputs import discover_units
@@ -122,38 +123,6 @@ def resolve_resources(cfg: InferConfig) -> InferConfig:
     batch = cfg.batch_size or (8 if num_gpus else cpu_batch_size(cfg.image_size))
     return dataclasses.replace(cfg, actors=actors, num_gpus_per_actor=num_gpus, cpus_per_actor=cpus_per_actor,
                                actor_threads=threads, batch_size=batch)
-
-
-@ray.remote(num_cpus=0)
-class _ModelHealth:
-    """Counts the model errors of a run's replicas (a restarted replica keeps no memory of its own),
-    and knows the replicas, so a failed run can make sure none outlives it."""
-
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-        self.replicas: dict[str, object] = {}
-        self.start_error: Exception | None = None
-
-    def failed_start(self, error: Exception) -> None:
-        self.start_error = error
-
-    def why_not_started(self) -> Exception | None:
-        """The user's error a replica's start raised (weights it cannot load), which Ray hands the
-        driver only as text inside an ``ActorDiedError``."""
-        return self.start_error
-
-    def started(self, actor_id: str, replica) -> None:
-        self.replicas[actor_id] = replica  # a restarted replica is the same actor
-
-    def all_replicas(self) -> list:
-        return list(self.replicas.values())
-
-    def failed(self, message: str) -> int:
-        self.errors.append(message)
-        return len(self.errors)
-
-    def last(self) -> str | None:
-        return self.errors[-1] if self.errors else None
 
 
 class _PredictorActor:
@@ -318,14 +287,6 @@ def _block_size(cfg: InferConfig):
         ctx.target_max_block_size = saved
 
 
-def _stop_replicas(health) -> None:
-    """Kills a failed run's model replicas. Ray Data shuts a failed execution down gently, and a
-    replica that was restarting then (after a model error) was seen to outlive the run, holding its
-    CPUs or GPU."""
-    for replica in ray.get(health.all_replicas.remote()):
-        ray.kill(replica, no_restart=True)
-
-
 def _no_inputs(plan: InferPlan, not_images: Counter) -> UsageError:
     others = f" ({not_images_line(not_images)})" if not_images else ""
     return UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) or .tar shards under {plan.config.input}{others}")
@@ -354,7 +315,7 @@ def execute(plan: InferPlan) -> InferSummary:
     writer = ManifestWriter(plan.output_root, plan.run_id)
     monitor, progress, not_images, review = (RunMonitor(cfg.max_failed_fraction), Progress(None), Counter(),
                                              QualityReview(cfg.review, cfg.flag_below))
-    health = _ModelHealth.remote()
+    health = ModelHealth.remote()
     try:
         with _block_size(cfg), contextlib.closing(watched_dataset(
                 build_dataset(plan, units, state_ref, health), DATASET_NAME, cfg.stall_timeout)) as batches:
@@ -368,7 +329,7 @@ def execute(plan: InferPlan) -> InferSummary:
             raise _no_inputs(plan, not_images)
         monitor.finish()
     except Exception as exc:
-        _stop_replicas(health)
+        stop_replicas(health)
         if isinstance(exc, (JobFailed, UserError)) and not isinstance(exc, ray.exceptions.RayError):
             raise  # the monitor's own verdict
         if (error := user_error(exc)) is not None:  # a Ray or Ray Data error carrying a user's cause

@@ -4,6 +4,7 @@ the job's arguments; and ONNX Runtime's masks through this project's rendering."
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -122,10 +123,12 @@ def test_bad_arguments_exit_2_with_one_line(weights, tmp_path, capsys):
 
 
 def test_the_session_a_replica_holds_gives_the_fully_optimised_sessions_outputs_bit_for_bit(exported, monkeypatch,
-                                                                                         caplog):
-    """ort_session optimises the graph in a child process and loads the result as it is: the same
-    outputs as ONNX Runtime's full optimisation made in this process, and its NumPy input is
-    to_model_input's. If the child fails, the session is optimised here, with a warning."""
+                                                                                         caplog, tmp_path):
+    """ort_session optimises the graph in a child process, keeps the result in the machine's cache
+    and loads it as it is: the same outputs as ONNX Runtime's full optimisation made in this
+    process, and its NumPy input is to_model_input's. A second session of the same graph loads the
+    kept one without a child. Without a cache, if the child fails, the session is optimised here,
+    with a warning."""
     import onnxruntime as ort
 
     from basnet.export import ort as ort_module
@@ -137,9 +140,75 @@ def test_the_session_a_replica_holds_gives_the_fully_optimised_sessions_outputs_
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     expected = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    monkeypatch.setenv(ort_module.CACHE_ENV, str(tmp_path / "cache"))
     assert np.array_equal(ort_session(path).run(None, {"image": x})[0], expected)
+    (kept,) = (tmp_path / "cache").glob("*.onnx")
     monkeypatch.setattr(ort_module, "_OPTIMISE", "raise SystemExit('no optimiser here')")
     with caplog.at_level("WARNING", logger=ort_module.__name__):
+        # The same graph again, as the bytes an S3 read gives: the kept graph, no child (it would fail).
+        again = ort_session(np.fromfile(path, np.uint8))
+        assert caplog.text == ""
+        assert np.array_equal(again.run(None, {"image": x})[0], expected)
+        monkeypatch.setenv(ort_module.CACHE_ENV, "off")
         fallback = ort_session(np.fromfile(path, np.uint8))
     assert "no optimiser here" in caplog.text
     assert np.array_equal(fallback.run(None, {"image": x})[0], expected)
+    assert [p.name for p in (tmp_path / "cache").glob("*.onnx")] == [kept.name]
+
+
+def _tiny_conv_model(path: Path, seed: int) -> str:
+    """A one-convolution image model, different for each seed."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(seed).standard_normal((1, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w"], ["saliency"], pads=[1, 1, 1, 1])], "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("saliency", TensorProto.FLOAT, ["n", 1, "h", "w"])],
+        [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return str(path)
+
+
+def test_the_machines_optimised_graphs_are_made_once_while_others_wait_and_the_two_last_used_are_kept(
+        tmp_path, monkeypatch, caplog):
+    import fcntl
+    import threading
+
+    from basnet.export import ort as ort_module
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(ort_module.CACHE_ENV, str(cache))
+    models = [_tiny_conv_model(tmp_path / f"m{i}.onnx", seed=i) for i in range(3)]
+    x = np.random.default_rng(9).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    first = ort_session(models[0]).run(None, {"image": x})[0]
+    (kept,) = cache.glob("*.onnx")
+
+    # Another replica of the node holds the lock, optimising the same graph: this one waits for it
+    # and loads its file, without a child of its own (which would fail here).
+    kept_bytes = kept.read_bytes()
+    kept.unlink()
+    monkeypatch.setattr(ort_module, "_OPTIMISE", "raise SystemExit('no optimiser here')")
+    caplog.set_level("WARNING", logger=ort_module.__name__)
+    done = {}
+    with open(kept.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: done.setdefault("session", ort_session(models[0])))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and not done  # still waiting for the lock
+        kept.write_bytes(kept_bytes)  # the other replica's optimised graph, in place
+    waiter.join(timeout=60)
+    assert np.array_equal(done["session"].run(None, {"image": x})[0], first)
+    assert "no optimiser here" not in caplog.text  # it never ran a child (nor fell back without one)
+
+    monkeypatch.undo()
+    monkeypatch.setenv(ort_module.CACHE_ENV, str(cache))
+    stale = cache / "0123.onnx.999.partial"
+    stale.write_bytes(b"a crashed optimiser's")
+    os.utime(stale, (0, 0))
+    for model in models[1:]:
+        ort_session(model)
+    names = sorted(p.name for p in cache.iterdir())
+    assert kept.name not in names and len([n for n in names if n.endswith(".onnx")]) == 2, names
+    assert len([n for n in names if n.endswith(".lock")]) == 2 and stale.name not in names, names
