@@ -377,10 +377,13 @@ def rembg_against_job(work: str, weights: str, counts: list[int]) -> None:
         with tempfile.TemporaryDirectory() as folder:
             for p in paths:
                 os.symlink(p, os.path.join(folder, os.path.basename(p)))
-            with tempfile.TemporaryDirectory() as out_r, tempfile.TemporaryDirectory() as out_j:
+            with tempfile.TemporaryDirectory() as out_r, tempfile.TemporaryDirectory() as out_j, \
+                    tempfile.TemporaryDirectory() as ort_cache:
                 r_s, r_gb, _, _ = timed([str(REMBG), "p", "-om", "-m", "u2net_custom", "-x",
                                          f'{{"model_path": "{model}"}}', folder, out_r], env=env)
-                j_s, j_gb, j_name, _ = timed(infer_cmd(folder, out_j, model, "--image-size", "320"))
+                # A first run on this machine: no optimised graph kept from an earlier one (basnet/export/ort.py).
+                j_s, j_gb, j_name, _ = timed(infer_cmd(folder, out_j, model, "--image-size", "320"),
+                                             env={**os.environ, "BASNET_ORT_CACHE": ort_cache})
         print(f"| {count} x {mp} MP | {r_s:.1f} | {r_gb:.2f} | {j_s:.1f} | {j_gb:.2f} | {j_s / r_s:.2f}x | {j_name} |")
 
 
