@@ -76,15 +76,16 @@ def ort_session(model: str | bytes | np.ndarray, *, threads: int | None = None):
         if not isinstance(model, str):  # an array or bytes: ONNX Runtime reads the file, no copy here
             with open(source, "wb") as f:
                 f.write(memoryview(model))
-        cached = _cached_optimised(source)
-        if cached is not None:
+        optimised, error = _cached_optimised(source)
+        if optimised is not None:
             try:
-                return ort.InferenceSession(cached, _options(threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+                return ort.InferenceSession(optimised, _options(threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
                                             providers=["CPUExecutionProvider"])
             except Exception as exc:  # removed by another process's eviction, or unreadable: make it afresh
-                logger.warning("cannot load the cached optimised graph %s (%s): optimising again", cached, exc)
-        optimised = os.path.join(tmp, "optimised.onnx")
-        error = _optimise(source, optimised)
+                logger.warning("cannot load the cached optimised graph %s (%s): optimising again", optimised, exc)
+        if error is None:  # no cache, or its graph would not load: the child writes here instead
+            optimised = os.path.join(tmp, "optimised.onnx")
+            error = _optimise(source, optimised)
         if error is None:
             return ort.InferenceSession(optimised, _options(threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
                                         providers=["CPUExecutionProvider"])
@@ -139,14 +140,15 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def _cached_optimised(source: str) -> str | None:
+def _cached_optimised(source: str) -> tuple[str | None, str | None]:
     """The optimised graph of ``source`` in this machine's cache, made now if it is not there: the
     replicas of a node wait for one optimiser (a file lock) instead of each running its own (each
     peaks at 1.05 GB), and a later run's replicas skip it (1.9 s of a 2.4 s session start at BASNet's
-    size). None when there is no usable cache folder or the optimiser failed."""
+    size). Returns ``(path, None)``; ``(None, error)`` when the optimiser ran here and failed (the
+    caller does not run it again); ``(None, None)`` when there is no usable cache folder."""
     root = cache_dir()
     if root is None:
-        return None
+        return None, None
     try:
         os.makedirs(root, exist_ok=True)
         key = _cache_key(source)
@@ -155,19 +157,19 @@ def _cached_optimised(source: str) -> str | None:
             _lock(lock)
             if os.path.exists(target):
                 os.utime(target)  # the last used are kept
-                return target
+                return target, None
             partial = f"{target}.{os.getpid()}.partial"
-            if _optimise(source, partial) is not None:
+            if (error := _optimise(source, partial)) is not None:
                 if os.path.exists(partial):
                     os.unlink(partial)
-                return None
+                return None, error
             os.replace(partial, target)  # whole or absent: a reader never sees a file half written
         _evict(root)
-        return target
+        return target, None
     except OSError as exc:  # a read-only or full disk: optimise without keeping the result
         logger.warning("cannot keep optimised ONNX graphs in %s (%s): set %s to another folder, or off",
                        root, exc, CACHE_ENV)
-        return None
+        return None, None
 
 
 def _lock(file) -> None:
@@ -183,13 +185,12 @@ def _evict(root: str) -> None:
     import time
 
     try:  # best effort: another replica may be evicting at the same time
-        entries = sorted((e for e in os.scandir(root) if e.name.endswith(".onnx")), key=lambda e: e.stat().st_mtime,
-                         reverse=True)
-        old = [(e.path, e.path.removesuffix(".onnx") + ".lock") for e in entries[CACHE_KEEP:]]
-        old += [(e.path,) for e in os.scandir(root)
-                if e.name.endswith(".partial") and time.time() - e.stat().st_mtime > _STALE_S]
+        entries = [(e.path, e.stat().st_mtime) for e in os.scandir(root)]
     except OSError:
         return
+    graphs = sorted(((m, p) for p, m in entries if p.endswith(".onnx")), reverse=True)
+    old = [(p, p.removesuffix(".onnx") + ".lock") for _, p in graphs[CACHE_KEEP:]]
+    old += [(p,) for p, m in entries if p.endswith(".partial") and time.time() - m > _STALE_S]
     for path in (name for names in old for name in names):
         try:
             os.unlink(path)

@@ -146,7 +146,7 @@ class MaskPredictor:
             if isinstance(state_dict, str) and storage.is_s3(state_dict):  # a .onnx file's URI
                 state_dict = storage.read_bytes(state_dict)  # to a temporary file, then freed
             elif isinstance(state_dict, str):  # a local path: ONNX Runtime reads it
-                uri, state_dict = state_dict, storage.filesystem(state_dict)[1]
+                state_dict = storage.filesystem(state_dict)[1]
                 if not os.path.isfile(state_dict):
                     from basnet.errors import CheckpointError
 

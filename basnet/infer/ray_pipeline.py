@@ -40,7 +40,6 @@ import ray.data
 
 from basnet import storage
 from basnet.errors import JobFailed, UsageError, UserError
-from basnet.infer.ray_health import ModelHealth, stop_replicas
 from basnet.imaging import IMAGE_SUFFIXES
 from basnet.infer.config import InferConfig, cpu_batch_size
 from basnet.infer.inputs import discover_units
@@ -58,6 +57,7 @@ from basnet.infer.manifest import (
 )
 from basnet.infer.monitor import RunMonitor, storage_failure
 from basnet.infer.plan import InferPlan, plan_inference, save_config
+from basnet.infer.ray_health import ModelHealth, stop_replicas
 from basnet.infer.review import QualityReview
 from basnet.infer.stages import decode_batch, write_batch
 from basnet.ray_errors import get, user_error
