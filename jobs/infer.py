@@ -28,6 +28,7 @@ from basnet.config import parse_config  # noqa: E402
 from basnet.console import setup_logging  # noqa: E402
 from basnet.errors import JobFailed, main_guard  # noqa: E402
 from basnet.infer.config import InferConfig  # noqa: E402
+from basnet.infer.local import runs_here  # noqa: E402
 from basnet.infer.manifest import not_images_line  # noqa: E402
 from basnet.infer.plan import plan_inference  # noqa: E402
 from basnet.ray_init import init_ray  # noqa: E402
@@ -38,9 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(InferConfig, argv, __doc__.splitlines()[0])
     setup_logging(cfg.verbose)
     plan = plan_inference(cfg)  # every argument error surfaces here, before Ray starts
-    # No dashboard for a Ray started here: masking needs neither it nor the State API (docs/infer.md).
-    init_ray(plan.config.address, verbose=cfg.verbose, dashboard=False)
-    from basnet.infer.ray_pipeline import dry_run, execute
+    if runs_here(plan.config):  # one machine, no cluster: no Ray to start (docs/infer.md)
+        from basnet.infer.local import dry_run_local as dry_run, execute_local as execute
+    else:
+        # No dashboard for a Ray started here: masking needs neither it nor the State API (docs/infer.md).
+        init_ray(plan.config.address, verbose=cfg.verbose, dashboard=False)
+        from basnet.infer.ray_pipeline import dry_run, execute
 
     if cfg.dry_run:
         print("\n".join(dry_run(plan).lines()), flush=True)

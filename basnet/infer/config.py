@@ -13,9 +13,12 @@ from basnet.imaging import DEFAULT_MAX_PIXELS, ENCODINGS, FORMATS, REFINES, SUFF
 from basnet.quality import NORMALIZES, ON_NO_OBJECT
 from basnet.watchdog import DEFAULT_STALL_TIMEOUT_S
 
-__all__ = ["InferConfig", "FORMATS", "RUNTIMES", "cpu_batch_size", "is_onnx", "torch_instead"]
+__all__ = ["InferConfig", "FORMATS", "RUNTIMES", "EXECUTORS", "cpu_batch_size", "is_onnx", "torch_instead"]
 
 RUNTIMES = ("torch", "onnxruntime")
+EXECUTORS = ("auto", "ray", "local")
+# Options only Ray's scheduler uses: any of them asks for the Ray pipeline (basnet.infer.local).
+_RAY_OPTIONS = ("address", "actors", "num_gpus_per_actor", "cpus_per_actor", "actor_resources", "task_resources")
 
 
 @dataclass
@@ -96,6 +99,12 @@ class InferConfig:
     overwrite: bool = option(False, "redo inputs whose output already exists (default: skip them)")
     root: str | None = option(None, "folder a manifest's paths are mirrored relative to (default: the "
                                   "manifest's folder if it holds them all, else their common folder)")
+    executor: str = option("auto", "where the stages run: ray (Ray Data on the cluster, or on a Ray started here), "
+                                   "or local (this process: one machine, CPUs, no Ray start). auto: local when "
+                                   "there is no cluster to join (no --address or $RAY_ADDRESS), no Ray-only option "
+                                   "(--actors, --num-gpus-per-actor, --cpus-per-actor, --actor-resources, "
+                                   "--task-resources) and, for --runtime torch, no GPU here; else ray "
+                                   "(see docs/infer.md)", choices=EXECUTORS)
     address: str | None = option(None, "Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     verbose: bool = option(False, "show Ray's own INFO logs on the console")
 
@@ -115,6 +124,13 @@ class InferConfig:
             self._check_onnxruntime()
         self.resources("actor_resources")
         self.resources("task_resources")
+        if self.executor == "local" and (needs_ray := self.ray_options()):
+            raise ConfigError(f"{needs_ray[0]} is for --executor ray (a Ray cluster); --executor local runs the job "
+                              "in this process: drop one of them")
+
+    def ray_options(self) -> list[str]:
+        """The flags set that only Ray's scheduler uses (``--address`` first)."""
+        return [f"--{key.replace('_', '-')}" for key in _RAY_OPTIONS if getattr(self, key)]
 
     def _check_onnxruntime(self) -> None:
         torch_only = [flag for flag, on in (("--compile", self.compile), ("--channels-last", self.channels_last),

@@ -27,10 +27,12 @@ import numpy as np
 from basnet.errors import JobFailed, UsageError, first_line
 from basnet.infer.manifest import FAILED, SKIPPED, WRITTEN
 
-__all__ = ["RunMonitor", "is_systemic", "storage_failure", "SYSTEMIC_STREAK", "MIN_TRIED"]
+__all__ = ["RunMonitor", "is_systemic", "storage_failure", "model_failed", "SYSTEMIC_STREAK", "MIN_TRIED",
+           "MODEL_RESTARTS"]
 
 SYSTEMIC_STREAK = 10
 MIN_TRIED = 100
+MODEL_RESTARTS = 2  # fresh starts of the model after model errors, per run, before the job fails
 
 _SYSTEMIC = re.compile(r"access.?denied|forbidden|invalidaccesskeyid|signaturedoesnotmatch|expiredtoken|"
                        r"no.?such.?bucket|permission denied|\b403\b", re.IGNORECASE)
@@ -99,3 +101,8 @@ def storage_failure(what: str, uri: str, exc: BaseException) -> Exception:
     if is_systemic(message):
         return JobFailed(f"{what} {uri}: access refused ({first_line(exc)})")
     return UsageError(f"cannot read {what} {uri}: {first_line(exc)}")
+
+
+def model_failed(error: str) -> str:
+    """The verdict on a model that failed ``MODEL_RESTARTS + 1`` times: its last error."""
+    return f"the model failed {MODEL_RESTARTS + 1} times (restarted {MODEL_RESTARTS} times): {error}"

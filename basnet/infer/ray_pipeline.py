@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import time
-from collections import Counter
 from typing import Sequence
 
 import numpy as np
@@ -39,26 +38,15 @@ import ray
 import ray.data
 
 from basnet import storage
-from basnet.errors import JobFailed, UsageError, UserError
-from basnet.imaging import IMAGE_SUFFIXES
+from basnet.errors import JobFailed, UserError
 from basnet.infer.config import InferConfig, cpu_batch_size
 from basnet.infer.inputs import discover_units
 from basnet.infer.listing import list_batch
-from basnet.infer.manifest import (
-    FAILED,
-    PENDING,
-    SKIPPED,
-    DryRun,
-    InferSummary,
-    ManifestWriter,
-    Progress,
-    not_images_line,
-    without_not_images,
-)
-from basnet.infer.monitor import RunMonitor, storage_failure
+from basnet.infer.manifest import DryRun, InferSummary
+from basnet.infer.monitor import MODEL_RESTARTS, model_failed, storage_failure
 from basnet.infer.plan import InferPlan, plan_inference, save_config
 from basnet.infer.ray_health import ModelHealth, stop_replicas
-from basnet.infer.review import QualityReview
+from basnet.infer.recorder import RunRecorder, add_listed, dry_run_empty, no_inputs
 from basnet.infer.stages import decode_batch, write_batch
 from basnet.ray_errors import get, user_error
 from basnet.ray_progress import watched_dataset
@@ -68,7 +56,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["run_inference", "execute", "dry_run", "build_dataset", "resolve_resources",
            "MODEL_RESTARTS"]
 
-MODEL_RESTARTS = 2  # replica restarts after model errors, per run, before the job fails
 DATASET_NAME = "masking"  # the pipeline's name in Ray Data's bookkeeping (and in a stall's report)
 _LIGHT = {"num_cpus": 0.1}  # the small driver-side tasks (units, weights)
 
@@ -287,11 +274,6 @@ def _block_size(cfg: InferConfig):
         ctx.target_max_block_size = saved
 
 
-def _no_inputs(plan: InferPlan, not_images: Counter) -> UsageError:
-    others = f" ({not_images_line(not_images)})" if not_images else ""
-    return UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) or .tar shards under {plan.config.input}{others}")
-
-
 def execute(plan: InferPlan) -> InferSummary:
     """Runs a plan on the Ray this process is connected to.
 
@@ -312,22 +294,14 @@ def execute(plan: InferPlan) -> InferSummary:
                 "%d thread(s) each", cfg.input or f"{sum(len(u['uris']) for u in units)} images", plan.output_root,
                 cfg.image_size, len(units), cfg.actors, cfg.runtime, cfg.num_gpus_per_actor, cfg.cpus_per_actor,
                 cfg.actor_threads)
-    writer = ManifestWriter(plan.output_root, plan.run_id)
-    monitor, progress, not_images, review = (RunMonitor(cfg.max_failed_fraction), Progress(None), Counter(),
-                                             QualityReview(cfg.review, cfg.flag_below))
+    recorder = RunRecorder(plan, start=start)
     health = ModelHealth.remote()
     try:
         with _block_size(cfg), contextlib.closing(watched_dataset(
                 build_dataset(plan, units, state_ref, health), DATASET_NAME, cfg.stall_timeout)) as batches:
             for batch in batches:
-                batch = without_not_images(batch, not_images)
-                writer.add(batch)
-                review.add(batch)
-                progress.update(len(batch["status"]), writer.counts)
-                monitor.add(batch["status"], batch["error"])
-        if not writer.rows:
-            raise _no_inputs(plan, not_images)
-        monitor.finish()
+                recorder.add(batch)
+        recorder.finish()
     except Exception as exc:
         stop_replicas(health)
         if isinstance(exc, (JobFailed, UserError)) and not isinstance(exc, ray.exceptions.RayError):
@@ -337,19 +311,12 @@ def execute(plan: InferPlan) -> InferSummary:
         if (error := ray.get(health.why_not_started.remote())) is not None:
             raise error from None
         if (model_error := ray.get(health.last.remote())) is not None:
-            raise JobFailed(f"the model failed {MODEL_RESTARTS + 1} times (replica restarted "
-                            f"{MODEL_RESTARTS} times): {model_error}") from None
+            raise JobFailed(model_failed(model_error)) from None
         raise
     finally:
-        progress.close()
-        writer.close()
+        recorder.close()
         ray.kill(health)
-    counts = writer.counts
-    return InferSummary(written=counts.get("written", 0), skipped=counts.get("skipped", 0),
-                        failed=counts.get("failed", 0), seconds=time.perf_counter() - start,
-                        output=plan.output_root, manifest=writer.parts, config=plan.config_uri, run_id=plan.run_id,
-                        stage_seconds=dict(writer.stage_seconds), not_images=not_images, quality=review.line(),
-                        review=review.write(plan.output_root, max_pixels=cfg.max_pixels))
+    return recorder.summary()
 
 
 def dry_run(plan: InferPlan, *, examples: int = 3) -> DryRun:
@@ -359,18 +326,8 @@ def dry_run(plan: InferPlan, *, examples: int = 3) -> DryRun:
     listed = _listed(plan, _units(plan))
     listed.set_name("listing")
     for batch in watched_dataset(listed, "listing", plan.config.stall_timeout):
-        batch = without_not_images(batch, result.not_images)
-        kinds, status = batch["kind"], batch["status"]
-        result.to_mask += int(np.sum(kinds == "image"))
-        result.shards += int(np.sum(kinds == "tar"))
-        result.to_skip += int(np.sum(status == SKIPPED))
-        result.refused += int(np.sum(status == FAILED))
-        for fate, rows in (("mask", np.flatnonzero(status == PENDING)), ("skip", np.flatnonzero(status == SKIPPED)),
-                           ("refused", np.flatnonzero(status == FAILED))):
-            # The first inputs by name, whatever order the listing's batches arrive in.
-            found = [f"{batch['input'][i]} -> {batch['output' if fate != 'refused' else 'error'][i]}" for i in rows]
-            result.examples[fate] = sorted(result.examples[fate] + found)[:examples]
+        add_listed(result, batch, examples)
     result.seconds = time.perf_counter() - start
-    if not (result.to_mask or result.shards or result.to_skip or result.refused):
-        raise _no_inputs(plan, result.not_images)
+    if dry_run_empty(result):
+        raise no_inputs(plan, result.not_images)
     return result

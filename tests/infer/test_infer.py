@@ -119,6 +119,32 @@ def test_pipeline_masks_equal_direct_model_calls_within_one_grey_level(collectio
         assert np.abs(piped - direct).max() <= 1, rel
 
 
+def test_a_run_with_no_cluster_to_join_masks_in_this_process_without_ray_as_the_ray_pipeline_does_within_one_grey_level(
+        collection, local_run, weights, tmp_path):
+    root, sizes = collection
+    ray_out, ray_summary = local_run
+    out = str(tmp_path / "masks")
+    args = ["--input", root, "--output", out, "--weights", weights, "--image-size", str(SIZE), "--batch-size", "4",
+            "--max-pixels", str(MAX_PIXELS)]
+    no_ray = ("import runpy, sys; sys.modules['ray'] = None; sys.argv = ['jobs/infer.py', *sys.argv[1:]]; "
+              "runpy.run_path('jobs/infer.py', run_name='__main__')")  # any import of Ray fails
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", no_ray, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "in this process (no Ray)" in proc.stderr
+    assert f"written {len(sizes)}, skipped 0, failed {len(bad_files())}" in proc.stdout
+    assert "1 file is not an image (.txt 1)" in proc.stdout
+    assert pngs(out).keys() == pngs(ray_out).keys()
+    for rel, uri in pngs(out).items():  # within one grey level: torch's sums differ with the batch's make-up
+        assert np.abs(grey(uri).astype(np.int16) - grey(pngs(ray_out)[rel])).max() <= 1, rel
+    mine = pq.read_table(os.path.join(out, "_manifest")).to_pylist()
+    theirs = read_run_manifest(ray_summary).to_pylist()
+    assert sorted((os.path.relpath(r["input"], root), r["status"], r["error"], r["width"], r["height"])
+                  for r in mine) == sorted((os.path.relpath(r["input"], root), r["status"], r["error"], r["width"],
+                                            r["height"]) for r in theirs)
+
+
 def test_a_checkpoint_exported_for_onnxruntime_masks_as_the_torch_run_within_one_grey_level(collection, local_run,
                                                                                             weights):
     """--runtime onnxruntime with a checkpoint: the weight-loading task exports it (an ONNX graph as
@@ -334,6 +360,7 @@ def test_killed_run_resumes_writing_only_the_missing_masks(ray_session, weights,
     (["--runtime", "onnxruntime", "--precision", "bf16"], "--precision bf16 is for --runtime torch"),
     (["--runtime", "onnxruntime", "--num-gpus-per-actor", "1"], "--num-gpus-per-actor is for --runtime torch"),
     (["--weights", "MODEL_ONNX", "--runtime", "torch"], "is an ONNX model, which runs with --runtime onnxruntime"),
+    (["--executor", "local", "--actors", "2"], "--actors is for --executor ray"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, collection, weights, tmp_path):
     root, _ = collection

@@ -123,6 +123,32 @@ def test_a_model_that_fails_on_every_batch_exits_1_with_one_line_naming_the_erro
     assert not storage.list_files(str(tmp_path / "out"), [".png"])
 
 
+def test_in_this_process_a_failing_model_is_rebuilt_twice_then_the_run_exits_1_naming_its_error(
+        weights, tmp_path, capfd, monkeypatch):
+    from basnet.infer.predictor import MaskPredictor
+
+    builds = []
+    build = MaskPredictor.__init__
+
+    def counted(self, *args, **kwargs):
+        builds.append(1)
+        build(self, *args, **kwargs)
+
+    def broken(self, images):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(MaskPredictor, "__init__", counted)
+    monkeypatch.setattr(MaskPredictor, "_forward", broken)
+    write_images(str(tmp_path / "in"), 6)
+    status, verdict, out = run_job(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                                    "--weights", weights, "--executor", "local"], capfd)
+    assert status == 1 and len(builds) == 3
+    assert len(verdict) == 1 and verdict[0].startswith("failed: the model failed 3 times"), verdict
+    assert "illegal memory access" in verdict[0]
+    assert not storage.list_files(str(tmp_path / "out"), [".png"])
+    assert not [t for t in threading.enumerate() if t.name.startswith("basnet-")]  # decoding and writing stopped
+
+
 def test_out_of_memory_above_two_images_halves_the_batch_and_writes_every_mask(
         ray_session, weights, tmp_path, capfd, swap):
     SmallMemoryActor.log = str(tmp_path / "batches.txt")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
+import sys
 import tarfile
 
 import numpy as np
@@ -430,3 +432,22 @@ def test_run_monitor_checks_the_failed_share_from_100_tried_and_at_the_end_count
     with pytest.raises(JobFailed, match="wrote no mask: all 2 inputs tried failed"):
         nothing.finish()
     assert nothing.counts == {"written": 0, "skipped": 0, "failed": 2}
+
+
+def test_auto_executor_runs_here_without_a_cluster_a_ray_option_or_a_gpu_for_torch(monkeypatch):
+    from basnet.infer import local
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # this process is on no Ray
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(local, "_gpu_devices", lambda: [])
+    cfg = InferConfig(input="in", output="out", weights="w.pth")
+    assert local.runs_here(cfg)
+    assert not local.runs_here(dataclasses.replace(cfg, executor="ray"))
+    assert not local.runs_here(dataclasses.replace(cfg, actors=2))
+    assert not local.runs_here(dataclasses.replace(cfg, address="10.0.0.1:6379"))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert not local.runs_here(cfg) and local.runs_here(dataclasses.replace(cfg, executor="local"))
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(local, "_gpu_devices", lambda: ["/dev/nvidia0"])
+    assert not local.runs_here(cfg)  # the torch runtime feeds a GPU from Ray's CPU tasks
+    assert local.runs_here(dataclasses.replace(cfg, weights="model.onnx"))  # ONNX Runtime runs on CPUs only
