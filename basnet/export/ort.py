@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from typing import BinaryIO
 
 import numpy as np
 
@@ -215,30 +216,30 @@ def _options(threads: int | None, level):
     return options
 
 
-def onnx_image_size(model: bytes, source: str) -> int | None:
+def onnx_image_size(model: bytes | BinaryIO, source: str) -> int | None:
     """The side an exported model was trained at (its ``SIZE_KEY`` metadata), or None if it has none,
-    after checking it is a self-contained ONNX model taking one (N, 3, H, W) image.
+    after checking it is a self-contained ONNX model taking one (N, 3, H, W) image. ``model``: its
+    bytes, or a seekable binary file (only its small fields are read: ``basnet.export.onnx_header``).
 
     Raises:
         CheckpointError: It is not (the message names ``source``).
     """
-    import onnx
     from google.protobuf.message import DecodeError
 
     from basnet.errors import CheckpointError, first_line
+    from basnet.export.onnx_header import read_header
 
     hint = "pass one written by jobs/export.py, or a training checkpoint"
     try:
-        proto = onnx.load_model_from_string(model)
+        header = read_header(model)
     except (DecodeError, ValueError) as exc:
         raise CheckpointError(f"{source} is not an ONNX model ({type(exc).__name__}: {first_line(exc)}): "
                               f"{hint}") from None
-    weights = {t.name for t in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in weights]
+    inputs = [i for i in header.inputs if i.name not in header.initializers]
     dims = inputs[0].type.tensor_type.shape.dim if inputs else []
     if len(inputs) != 1 or len(dims) != 4 or dims[1].dim_value not in (0, 3):
         raise CheckpointError(f"{source} is not an ONNX model of one (N, 3, H, W) image input: {hint}")
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+    if header.external:
         raise CheckpointError(f"{source} keeps its weights in external data files: {hint} (one file)")
-    value = {p.key: p.value for p in proto.metadata_props}.get(SIZE_KEY)
+    value = header.metadata.get(SIZE_KEY)
     return int(value) if value and value.isdigit() else None

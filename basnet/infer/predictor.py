@@ -72,7 +72,11 @@ def load_weights(uri: str, image_size: int | None, runtime: str) -> tuple[dict[s
         model, size = load_for_inference(uri, image_size)
         return _array(onnx_bytes(model, image_size=size)), size
     try:
-        trained = onnx_image_size(storage.read_bytes(uri), uri)  # also refuses a file that is not ONNX
+        if storage.is_s3(uri):
+            trained = onnx_image_size(storage.read_bytes(uri), uri)  # also refuses a file that is not ONNX
+        else:  # only the small fields are read (a seek past each weight)
+            with open(storage.filesystem(uri)[1], "rb") as f:
+                trained = onnx_image_size(f, uri)
     except (OSError, ValueError) as exc:
         if isinstance(exc, CheckpointError):
             raise
