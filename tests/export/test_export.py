@@ -89,6 +89,32 @@ def test_an_export_names_its_size_and_the_bulk_job_loads_it_as_is_or_refuses_it_
         load_weights(str(tmp_path / "folder.onnx"), 64, "onnxruntime")  # gone since the plan checked it
 
 
+def test_the_size_check_reads_an_exports_small_fields_only_and_refuses_a_truncated_or_split_file(exported, tmp_path):
+    from basnet.export.onnx_model import onnx_image_size
+
+    path, _ = exported
+
+    class Counted(io.FileIO):
+        read_bytes = 0
+
+        def read(self, n=-1):
+            data = super().read(n)
+            Counted.read_bytes += len(data)
+            return data
+
+    with Counted(path) as f:
+        assert onnx_image_size(f, path) == 64
+    assert Counted.read_bytes < 64 * 1024 < os.path.getsize(path) // 100, Counted.read_bytes
+    data = Path(path).read_bytes()
+    (tmp_path / "half.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="half.onnx is not an ONNX model .*runs past the end"):
+        load_weights(str(tmp_path / "half.onnx"), None, "onnxruntime")
+    split = onnx.load(path)
+    onnx.save(split, tmp_path / "split.onnx", save_as_external_data=True, location="split.weights")
+    with pytest.raises(CheckpointError, match="split.onnx keeps its weights in external data files"):
+        load_weights(str(tmp_path / "split.onnx"), None, "onnxruntime")
+
+
 def test_fp16_export_agrees_to_1e2_and_all_outputs_gives_eight_maps(weights, tmp_path):
     # One export shows both (each costs about 15 s here): half precision, and all eight maps, each
     # checked against the fp32 model's (the fp32 test holds the refined map to 1e-4).
