@@ -17,12 +17,14 @@ object with soft and hair-thin edges; JPEG quality 92) into ``--work`` and reuse
   difference in grey levels, for drafts that keep twice the side (the job's rule) and the side.
 * **job** (``--weights``): ``jobs/infer.py`` on 24 photos of 12 MP against a plain single-process loop
   doing the same work (decode, model, render, encode, write): wall seconds and images/s, cold (start-up
-  included) and for a second run in the same process (Ray up, weights loaded).
+  included) in its own process (``--executor auto`` on this machine) and on a Ray it starts, and for a
+  second run on that Ray in the same process (Ray up, weights loaded).
 * **memory** (``--weights``): a 100 MP JPEG through ``jobs/infer.py`` with default options: the
   largest process of the job (the model replica included), sampled every 0.1 s.
 * **rembg** (``--weights``, ``.venv-rembg``): rembg's folder command and the job on the same photos
   with the same ONNX export at rembg's 320 px (ONNX Runtime in both): wall seconds, start-up
-  included, and each side's largest process.
+  included, and each side's largest process; the job as run here by default (in its own process)
+  and on a Ray it starts.
 """
 
 from __future__ import annotations
@@ -331,15 +333,18 @@ def job_against_plain(work: str, weights: str, count: int = 24) -> None:
         for p in paths:  # exactly these photos (the folder may hold more from other sections)
             os.symlink(p, os.path.join(images, os.path.basename(p)))
         with tempfile.TemporaryDirectory() as out:
-            job_s, peak, name, _ = timed(infer_cmd(images, out, weights))
+            job_s, peak, name, _ = timed(infer_cmd(images, out, weights))  # --executor auto: in its own process
+        with tempfile.TemporaryDirectory() as out:
+            ray_s, ray_peak, ray_name, _ = timed(infer_cmd(images, out, weights, "--executor", "ray"))
         with tempfile.TemporaryDirectory() as out:
             _, _, _, proc = timed([sys.executable, "-c", WARM_RUN, images, out, weights])
             warm_s = float(proc.stdout.split()[-2])
-    print(f"\n{count} photos of 12 MP, {weights}: plain loop {plain_s:.1f} s ({count / plain_s:.2f} img/s); "
-          f"jobs/infer.py cold {job_s:.1f} s, start-up included ({count / job_s:.2f} img/s, "
-          f"{plain_s / job_s:.2f}x the plain loop), largest process {peak:.2f} GB ({name}); a second run in the "
-          f"same process (Ray up, weights loaded) {warm_s:.1f} s ({count / warm_s:.2f} img/s, "
-          f"{plain_s / warm_s:.2f}x the plain loop)")
+    print(f"\n{count} photos of 12 MP, {weights}: plain loop {plain_s:.1f} s after its model is loaded "
+          f"({count / plain_s:.2f} img/s); jobs/infer.py cold, start-up included: in its own process (--executor "
+          f"auto) {job_s:.1f} s ({count / job_s:.2f} img/s, {plain_s / job_s:.2f}x the plain loop), largest process "
+          f"{peak:.2f} GB ({name}); on a Ray it starts (--executor ray) {ray_s:.1f} s ({plain_s / ray_s:.2f}x), "
+          f"largest process {ray_peak:.2f} GB ({ray_name}); a second run on that Ray in the same process (Ray up, "
+          f"weights loaded) {warm_s:.1f} s ({count / warm_s:.2f} img/s, {plain_s / warm_s:.2f}x the plain loop)")
 
 
 def memory_100mp(work: str, weights: str) -> None:
@@ -369,22 +374,37 @@ def rembg_against_job(work: str, weights: str, counts: list[int]) -> None:
     env.update({"U2NET_HOME": home, "HTTP_PROXY": DEAD_PROXY, "HTTPS_PROXY": DEAD_PROXY,
                 "GRADIO_ANALYTICS_ENABLED": "False"})
     print("\nrembg 2.0.86's folder command against jobs/infer.py: the same photos, the same ONNX export at 320 px, "
-          "ONNX Runtime in both (wall seconds with start-up; largest process GB)")
-    print("| photos | rembg s | rembg GB | job s | job GB | job / rembg time | job process |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+          "ONNX Runtime in both (wall seconds with start-up; largest process GB). The job as a user runs it on this "
+          "machine (--executor auto: in its own process), and on a Ray it starts (--executor ray)")
+    print("| photos | rembg s | rembg GB | job s | job GB | job / rembg time | job on Ray s | job on Ray GB | "
+          "on Ray / rembg |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mp, count in [(12, n) for n in counts] + [(48, 1), (100, 1)]:
         paths = photos(work, mp, count)
         with tempfile.TemporaryDirectory() as folder:
             for p in paths:
                 os.symlink(p, os.path.join(folder, os.path.basename(p)))
-            with tempfile.TemporaryDirectory() as out_r, tempfile.TemporaryDirectory() as out_j, \
-                    tempfile.TemporaryDirectory() as ort_cache:
-                r_s, r_gb, _, _ = timed([str(REMBG), "p", "-om", "-m", "u2net_custom", "-x",
-                                         f'{{"model_path": "{model}"}}', folder, out_r], env=env)
-                # A first run on this machine: no optimised graph kept from an earlier one (basnet/export/ort.py).
-                j_s, j_gb, j_name, _ = timed(infer_cmd(folder, out_j, model, "--image-size", "320"),
-                                             env={**os.environ, "BASNET_ORT_CACHE": ort_cache})
-        print(f"| {count} x {mp} MP | {r_s:.1f} | {r_gb:.2f} | {j_s:.1f} | {j_gb:.2f} | {j_s / r_s:.2f}x | {j_name} |")
+            r_s, r_gb = rembg_run(folder, model, env)
+            jobs = []
+            for executor in ("auto", "ray"):
+                with tempfile.TemporaryDirectory() as out_j, tempfile.TemporaryDirectory() as ort_cache:
+                    # A first run on this machine: no optimised graph kept from an earlier one (basnet/export/ort.py).
+                    j_s, j_gb, _, proc = timed(infer_cmd(folder, out_j, model, "--image-size", "320", "--executor",
+                                                         executor), env={**os.environ, "BASNET_ORT_CACHE": ort_cache})
+                    if f"written {count}," not in proc.stdout:
+                        raise SystemExit(f"the job (--executor {executor}) did not mask the {count} photos: "
+                                         f"{proc.stderr[-2000:]}")
+                    jobs.append((j_s, j_gb))
+        (a_s, a_gb), (y_s, y_gb) = jobs
+        print(f"| {count} x {mp} MP | {r_s:.1f} | {r_gb:.2f} | {a_s:.1f} | {a_gb:.2f} | {a_s / r_s:.2f}x | "
+              f"{y_s:.1f} | {y_gb:.2f} | {y_s / r_s:.2f}x |")
+
+
+def rembg_run(folder: str, model: str, env: dict) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as out_r:
+        r_s, r_gb, _, _ = timed([str(REMBG), "p", "-om", "-m", "u2net_custom", "-x",
+                                 f'{{"model_path": "{model}"}}', folder, out_r], env=env)
+    return r_s, r_gb
 
 
 def main() -> None:
