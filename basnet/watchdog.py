@@ -101,7 +101,8 @@ def _pull(items: Iterable[T], slot: _Handoff) -> None:
 
 
 def watched(items: Iterable[T], *, stream: str, timeout_s: float | None,
-            report: Callable[[], str] = lambda: "", on_stall: Callable[[], None] = lambda: None) -> Iterator[T]:
+            report: Callable[[], str] = lambda: "", on_stall: Callable[[], None] = lambda: None,
+            thread: bool = False) -> Iterator[T]:
     """The items of ``items``, each of which must arrive within ``timeout_s`` seconds.
 
     Args:
@@ -110,11 +111,13 @@ def watched(items: Iterable[T], *, stream: str, timeout_s: float | None,
         timeout_s: The longest wait for one item; ``None`` or ``0`` watches nothing.
         report: What the error says of the cluster (called once, on a stall, before ``on_stall``).
         on_stall: Stops the stream (called once, on a stall, before the error is raised).
+        thread: Pull ``items`` in a thread even when nothing is watched, so the stream's own work
+            (decoding, in the bulk job's own process) overlaps the consumer's.
 
     Raises:
         StreamStalled: No item for ``timeout_s`` seconds.
     """
-    if not timeout_s:
+    if not timeout_s and not thread:
         yield from items
         return
     slot = _Handoff()
@@ -123,7 +126,7 @@ def watched(items: Iterable[T], *, stream: str, timeout_s: float | None,
     try:
         while True:
             start = time.monotonic()
-            arrived, item = slot.take(timeout_s)
+            arrived, item = slot.take(timeout_s or None)
             if not arrived:
                 line = _stall_line(stream, time.monotonic() - start, timeout_s, report)  # before it is stopped
                 _stop_quietly(on_stall)

@@ -58,12 +58,14 @@ def _fields(f: BinaryIO, start: int, end: int) -> Iterator[tuple[int, int, int, 
             raise ValueError(f"field number 0 at byte {position}")
         if wire == _VARINT:
             value = _varint(f)
-            after = f.tell()
+            if (after := f.tell()) > end:
+                raise ValueError(f"field {number} at byte {position} runs past the end of its message")
             yield number, wire, value, 0
             f.seek(after)
             continue
         if wire in (_FIXED64, _FIXED32):
-            f.seek(8 if wire == _FIXED64 else 4, io.SEEK_CUR)
+            if f.seek(8 if wire == _FIXED64 else 4, io.SEEK_CUR) > end:
+                raise ValueError(f"field {number} at byte {position} runs past the end of its message")
             continue
         if wire != _BYTES:
             raise ValueError(f"wire type {wire} at byte {position}")

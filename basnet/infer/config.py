@@ -151,6 +151,12 @@ class InferConfig:
         """``--refine``, or its default for ``--format``."""
         return self.refine or default_refine(self.format)
 
+    def write_options(self) -> dict:
+        """``basnet.infer.stages.write_batch``'s options (the image size resolved)."""
+        return {"fmt": self.format, "threshold": self.threshold, "size": self.image_size, "encoding": self.encoding,
+                "max_pixels": self.max_pixels, "refine": self.resolved_refine(), "normalize": self.normalize,
+                "on_no_object": self.on_no_object}
+
     def needs_source(self) -> bool:
         """Whether the writer needs each image's bytes again (a cut-out, or a photo-guided map)."""
         return self.format == "rgba" or self.resolved_refine() == "guided"

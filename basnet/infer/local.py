@@ -10,14 +10,16 @@ memory, which made the job slower than a plain loop up to about 100 photos (docs
 
 The stages are the Ray pipeline's own functions (``basnet.infer.listing``, ``basnet.infer.stages``,
 ``basnet.infer.predictor``) and the record is the same (``basnet.infer.recorder``), so a run gives
-the same masks, manifest and exit status on either executor:
+the same masks (within one grey level: torch's sums depend on the batch's make-up), manifest and
+exit status on either executor:
 
-    listing + decoding (one thread) -> the model (this thread) -> writing (a pool of threads)
+    listing + decoding (the watchdog's thread) -> the model (this thread) -> writing (a thread pool)
 
-Bounded queues between them hold a few model batches, so memory does not grow with the collection.
-A model error rebuilds the model and retries its batch up to ``MODEL_RESTARTS`` times, as the Ray
-pipeline restarts its replica; ``--stall-timeout`` watches Ray Data's pipeline and has nothing to
-watch here. Never imports Ray.
+Decoding runs one batch ahead of the model and writing a few batches behind it, so memory does not
+grow with the collection. A model error rebuilds the model and retries its batch up to
+``MODEL_RESTARTS`` times, as the Ray pipeline restarts its replica. ``--stall-timeout`` bounds the
+wait for a decoded batch (a hung read) and for a written one, not a model call. A failed run's
+manifest holds every batch whose masks were written or being written. Never imports Ray.
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ from __future__ import annotations
 import dataclasses
 import glob
 import logging
+import math
 import os
-import queue
 import sys
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Iterator
 
 import numpy as np
@@ -45,12 +47,13 @@ from basnet.infer.monitor import MODEL_RESTARTS, model_failed, storage_failure
 from basnet.infer.plan import InferPlan, save_config
 from basnet.infer.recorder import RunRecorder, add_listed, dry_run_empty, no_inputs
 from basnet.infer.stages import decode_batch, write_batch
+from basnet.watchdog import StreamStalled, watched
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["runs_here", "execute_local", "dry_run_local"]
 
-_QUEUED_BATCHES = 2  # model batches waiting on each side of the model
+_QUEUED_BATCHES = 2  # model batches waiting to be written, per write thread
 
 
 def _gpu_devices() -> list[str]:
@@ -87,58 +90,34 @@ def _listed(plan: InferPlan, units: list[dict]) -> Iterator[dict[str, np.ndarray
                               output_root=plan.output_root, overwrite=cfg.overwrite, suffix=cfg.output_suffix())
 
 
+def available_cpus() -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a container's
+    limit, which ``os.cpu_count`` ignores: on a 64-core host with a 2-CPU quota it says 64)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
 def _resolved(cfg: InferConfig, image_size: int) -> InferConfig:
-    """One CPU replica with every core (as the Ray pipeline gives a CPU node's only replica)."""
-    cpus = os.cpu_count() or 1
-    return dataclasses.replace(cfg, image_size=image_size, actors=1, num_gpus_per_actor=0.0,
-                               cpus_per_actor=float(cpus), actor_threads=cfg.actor_threads or cpus,
+    """The size, the model's threads (every CPU, as the Ray pipeline gives a CPU node's only replica)
+    and batch; saved as ``executor: local``, so the config runs here again with ``--config``."""
+    return dataclasses.replace(cfg, image_size=image_size, executor="local",
+                               actor_threads=cfg.actor_threads or available_cpus(),
                                batch_size=cfg.batch_size or cpu_batch_size(image_size))
 
 
-class _Decoder(threading.Thread):
-    """Lists and decodes in the background, handing model-sized batches through a bounded queue;
-    an exception is handed on in its place. ``stop`` ends it at its next batch."""
-
-    _DONE = object()
-
-    def __init__(self, plan: InferPlan, units: list[dict]) -> None:
-        super().__init__(name="basnet-decode", daemon=True)
-        self.plan, self.units = plan, units
-        self.batches: queue.Queue = queue.Queue(maxsize=_QUEUED_BATCHES)
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        cfg = self.plan.config
-        try:
-            for listed in _listed(self.plan, self.units):
-                for batch in decode_batch(listed, size=cfg.image_size, max_pixels=cfg.max_pixels,
-                                          reduced=not cfg.full_decode, keep_bytes=cfg.needs_source(),
-                                          overwrite=cfg.overwrite, suffix=cfg.output_suffix(),
-                                          batch_size=cfg.batch_size):  # the model starts after one batch
-                    if not self._put(batch):
-                        return
-            self._put(self._DONE)
-        except BaseException as exc:  # noqa: BLE001 - handed to the model's thread, which raises it
-            self._put(exc)
-
-    def _put(self, item) -> bool:
-        while not self.stopping.is_set():
-            try:
-                self.batches.put(item, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        while (item := self.batches.get()) is not self._DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(timeout=60)
+def _decoded(plan: InferPlan, units: list[dict]) -> Iterator[dict[str, np.ndarray]]:
+    """Listed and decoded rows in model-sized batches (the model starts after one batch)."""
+    cfg = plan.config
+    for listed in _listed(plan, units):
+        yield from decode_batch(listed, size=cfg.image_size, max_pixels=cfg.max_pixels, reduced=not cfg.full_decode,
+                                keep_bytes=cfg.needs_source(), overwrite=cfg.overwrite, suffix=cfg.output_suffix(),
+                                batch_size=cfg.batch_size)
 
 
 class _Model:
@@ -191,31 +170,51 @@ def execute_local(plan: InferPlan) -> InferSummary:
                 len(units), cfg.runtime, cfg.actor_threads)
     model = _Model(state, cfg)
     del state
-    write = {"fmt": cfg.format, "threshold": cfg.threshold, "size": cfg.image_size, "encoding": cfg.encoding,
-             "max_pixels": cfg.max_pixels, "refine": cfg.resolved_refine(), "normalize": cfg.normalize,
-             "on_no_object": cfg.on_no_object}
+    write = cfg.write_options()
     recorder = RunRecorder(plan, start=start)
-    decoder = _Decoder(plan, units)
-    writers = max(1, (os.cpu_count() or 1) // 4)
+    writers = max(1, available_cpus() // 4)
+    wait = cfg.stall_timeout or None
     pending: deque[Future] = deque()
-    decoder.start()
+    # Decoding runs in the watchdog's thread, one batch ahead of the model, and fails the run after
+    # --stall-timeout without a batch (a hung read); writing runs in the pool, a few batches deep.
+    batches = watched(_decoded(plan, units), stream="masking input", timeout_s=cfg.stall_timeout, thread=True)
     try:
         with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="basnet-write") as pool:
             try:
-                for batch in decoder:
+                for batch in batches:
                     pending.append(pool.submit(write_batch, model(batch), **write))
                     while len(pending) > writers * _QUEUED_BATCHES or (pending and pending[0].done()):
-                        recorder.add(pending.popleft().result())  # in order; the monitor may stop the run
+                        recorder.add(_written(pending.popleft(), wait))  # in order; the monitor may stop the run
                 while pending:
-                    recorder.add(pending.popleft().result())
-            finally:
-                for future in pending:
-                    future.cancel()
+                    recorder.add(_written(pending.popleft(), wait))
+            except BaseException:
+                _record_started(pending, recorder)
+                raise
         recorder.finish()
     finally:
-        decoder.stop()
+        batches.close()
         recorder.close()
     return recorder.summary()
+
+
+def _written(future: Future, wait: float | None) -> dict[str, np.ndarray]:
+    try:
+        return future.result(timeout=wait)
+    except FutureTimeout:
+        raise StreamStalled(f"writing a batch of masks took over {wait:g} s (--stall-timeout {wait:g}): a stalled "
+                            "run, not a slow one") from None
+
+
+def _record_started(pending: deque[Future], recorder: RunRecorder) -> None:
+    """On the way out of a failed run: batches not yet being written are dropped (their masks do not
+    exist, so a re-run does them); those already written or being written get their manifest rows."""
+    for future in pending:
+        if future.cancel():
+            continue
+        try:
+            recorder.add(future.result())
+        except Exception:  # the run is failing already; these rows are in the manifest before the monitor speaks
+            pass
 
 
 def dry_run_local(plan: InferPlan, *, examples: int = 3) -> DryRun:

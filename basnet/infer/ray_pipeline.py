@@ -237,9 +237,7 @@ def build_dataset(plan: InferPlan, units: list[dict], weights_ref: ray.ObjectRef
         compute=ray.data.TaskPoolStrategy(size=_task_pools(cfg)[1]), **task_args)
     options = {"precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile,
                "runtime": cfg.runtime}
-    write = {"fmt": cfg.format, "threshold": cfg.threshold, "size": cfg.image_size, "encoding": cfg.encoding,
-             "max_pixels": cfg.max_pixels, "refine": cfg.resolved_refine(), "normalize": cfg.normalize,
-             "on_no_object": cfg.on_no_object}
+    write = cfg.write_options()
     in_actor = _write_in_actor(cfg)
     ds.set_name(DATASET_NAME)
     ds = ds.map_batches(_PredictorActor, fn_constructor_kwargs={

@@ -133,6 +133,8 @@ def test_a_run_with_no_cluster_to_join_masks_in_this_process_without_ray_as_the_
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "in this process (no Ray)" in proc.stderr
+    saved = yaml.safe_load(storage.read_bytes(storage.list_files(os.path.join(out, "_config"), [".yaml"])[0]))
+    assert (saved["executor"], saved["actors"], saved["image_size"]) == ("local", None, SIZE)  # --config: the same
     assert f"written {len(sizes)}, skipped 0, failed {len(bad_files())}" in proc.stdout
     assert "1 file is not an image (.txt 1)" in proc.stdout
     assert pngs(out).keys() == pngs(ray_out).keys()

@@ -123,30 +123,39 @@ def test_a_model_that_fails_on_every_batch_exits_1_with_one_line_naming_the_erro
     assert not storage.list_files(str(tmp_path / "out"), [".png"])
 
 
-def test_in_this_process_a_failing_model_is_rebuilt_twice_then_the_run_exits_1_naming_its_error(
+def test_in_this_process_a_model_failing_after_two_batches_is_rebuilt_twice_then_exits_1_keeping_the_written_rows(
         weights, tmp_path, capfd, monkeypatch):
     from basnet.infer.predictor import MaskPredictor
 
-    builds = []
-    build = MaskPredictor.__init__
+    builds, calls = [], []
+    build, forward = MaskPredictor.__init__, MaskPredictor._forward
 
     def counted(self, *args, **kwargs):
         builds.append(1)
         build(self, *args, **kwargs)
 
-    def broken(self, images):
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    def breaks_after_two(self, images):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return forward(self, images)
 
     monkeypatch.setattr(MaskPredictor, "__init__", counted)
-    monkeypatch.setattr(MaskPredictor, "_forward", broken)
-    write_images(str(tmp_path / "in"), 6)
-    status, verdict, out = run_job(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-                                    "--weights", weights, "--executor", "local"], capfd)
+    monkeypatch.setattr(MaskPredictor, "_forward", breaks_after_two)
+    write_images(str(tmp_path / "in"), 12)
+    out = str(tmp_path / "out")
+    capfd.readouterr()
+    status = infer_job.main(["--input", str(tmp_path / "in"), "--output", out, "--weights", weights,
+                             "--image-size", str(SIZE), "--batch-size", "2", "--executor", "local"])
+    verdict = [line for line in capfd.readouterr().err.splitlines() if line.startswith(("error:", "failed:"))]
     assert status == 1 and len(builds) == 3
     assert len(verdict) == 1 and verdict[0].startswith("failed: the model failed 3 times"), verdict
     assert "illegal memory access" in verdict[0]
-    assert not storage.list_files(str(tmp_path / "out"), [".png"])
-    assert not [t for t in threading.enumerate() if t.name.startswith("basnet-")]  # decoding and writing stopped
+    rows = manifest_rows(out)
+    assert sorted(r["output"] for r in rows if r["status"] == "written") == sorted(storage.list_files(out, [".png"]))
+    assert len(rows) == 4  # the two batches the model finished, written before the run stopped
+    assert not [t for t in threading.enumerate()  # decoding and writing stopped
+                if t.name == "watched-masking input" or t.name.startswith("basnet-write")]
 
 
 def test_out_of_memory_above_two_images_halves_the_batch_and_writes_every_mask(
