@@ -80,20 +80,23 @@ def ort_session(model: str | bytes | np.ndarray, *, threads: int | None = None):
         optimised, error = _cached_optimised(source)
         if optimised is not None:
             try:
-                return ort.InferenceSession(optimised, _options(threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
-                                            providers=["CPUExecutionProvider"])
+                return _session(optimised, threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
             except Exception as exc:  # removed by another process's eviction, or unreadable: make it afresh
                 logger.warning("cannot load the cached optimised graph %s (%s): optimising again", optimised, exc)
         if error is None:  # no cache, or its graph would not load: the child writes here instead
             optimised = os.path.join(tmp, "optimised.onnx")
             error = _optimise(source, optimised)
         if error is None:
-            return ort.InferenceSession(optimised, _options(threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
-                                        providers=["CPUExecutionProvider"])
+            return _session(optimised, threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         logger.warning("optimising the ONNX graph in a child process failed (%s): optimising it here, which "
                        "holds about 0.6 GB more", error)
-        return ort.InferenceSession(source, _options(threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
-                                    providers=["CPUExecutionProvider"])
+        return _session(source, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+
+
+def _session(path: str, threads: int | None, level):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(path, _options(threads, level), providers=["CPUExecutionProvider"])
 
 
 def _optimise(source: str, target: str) -> str | None:

@@ -151,6 +151,17 @@ class InferConfig:
         """``--refine``, or its default for ``--format``."""
         return self.refine or default_refine(self.format)
 
+    def decode_options(self, batch_size: int) -> dict:
+        """``basnet.infer.stages.decode_batch``'s options, ``batch_size`` rows a yielded batch."""
+        return {"size": self.image_size, "max_pixels": self.max_pixels, "reduced": not self.full_decode,
+                "keep_bytes": self.needs_source(), "overwrite": self.overwrite, "suffix": self.output_suffix(),
+                "batch_size": batch_size}
+
+    def model_options(self) -> dict:
+        """``basnet.infer.predictor.MaskPredictor``'s options that come from the job's flags."""
+        return {"precision": self.precision, "channels_last": self.channels_last, "compile": self.compile,
+                "runtime": self.runtime}
+
     def write_options(self) -> dict:
         """``basnet.infer.stages.write_batch``'s options (the image size resolved)."""
         return {"fmt": self.format, "threshold": self.threshold, "size": self.image_size, "encoding": self.encoding,

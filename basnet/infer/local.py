@@ -40,12 +40,11 @@ import numpy as np
 
 from basnet.errors import JobFailed
 from basnet.infer.config import InferConfig, cpu_batch_size
-from basnet.infer.inputs import discover_units
 from basnet.infer.listing import list_batch
 from basnet.infer.manifest import DryRun, InferSummary
-from basnet.infer.monitor import MODEL_RESTARTS, model_failed, storage_failure
-from basnet.infer.plan import InferPlan, save_config
-from basnet.infer.recorder import RunRecorder, add_listed, dry_run_empty, no_inputs
+from basnet.infer.monitor import MODEL_RESTARTS, model_failed
+from basnet.infer.plan import InferPlan, find_units, save_config
+from basnet.infer.recorder import RunRecorder, no_inputs
 from basnet.infer.stages import decode_batch, write_batch
 from basnet.watchdog import StreamStalled, watched
 
@@ -73,21 +72,9 @@ def runs_here(cfg: InferConfig) -> bool:
     return cfg.resolved_runtime() == "onnxruntime" or not _gpu_devices()
 
 
-def _units(plan: InferPlan) -> list[dict]:
-    if plan.units is not None:
-        return plan.units
-    try:
-        return discover_units(plan.input, plan.output_root)
-    except OSError as exc:
-        raise storage_failure("--input", plan.input.uri, exc) from None
-
-
 def _listed(plan: InferPlan, units: list[dict]) -> Iterator[dict[str, np.ndarray]]:
-    cfg = plan.config
     for unit in units:
-        yield from list_batch({key: [value] for key, value in unit.items()}, root=plan.input.root,
-                              root_given=plan.input.root_given or plan.input.kind != "manifest",
-                              output_root=plan.output_root, overwrite=cfg.overwrite, suffix=cfg.output_suffix())
+        yield from list_batch({key: [value] for key, value in unit.items()}, **plan.listing_options())
 
 
 def available_cpus() -> int:
@@ -113,11 +100,9 @@ def _resolved(cfg: InferConfig, image_size: int) -> InferConfig:
 
 def _decoded(plan: InferPlan, units: list[dict]) -> Iterator[dict[str, np.ndarray]]:
     """Listed and decoded rows in model-sized batches (the model starts after one batch)."""
-    cfg = plan.config
+    options = plan.config.decode_options(plan.config.batch_size)
     for listed in _listed(plan, units):
-        yield from decode_batch(listed, size=cfg.image_size, max_pixels=cfg.max_pixels, reduced=not cfg.full_decode,
-                                keep_bytes=cfg.needs_source(), overwrite=cfg.overwrite, suffix=cfg.output_suffix(),
-                                batch_size=cfg.batch_size)
+        yield from decode_batch(listed, **options)
 
 
 class _Model:
@@ -132,8 +117,7 @@ class _Model:
 
         cfg = self.cfg
         return MaskPredictor(self.state, device="cpu", image_size=cfg.image_size, threads=cfg.actor_threads,
-                             precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile,
-                             runtime=cfg.runtime)
+                             **cfg.model_options())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from basnet.infer.predictor import ModelError
@@ -160,7 +144,7 @@ def execute_local(plan: InferPlan) -> InferSummary:
     from basnet.infer.predictor import load_weights
 
     start = time.perf_counter()
-    units = _units(plan)
+    units = find_units(plan)
     state, size = load_weights(plan.config.weights, plan.config.image_size, plan.config.runtime)
     cfg = _resolved(plan.config, size)
     plan = dataclasses.replace(plan, config=cfg)
@@ -221,9 +205,9 @@ def dry_run_local(plan: InferPlan, *, examples: int = 3) -> DryRun:
     """Lists and assigns outputs as a run would, without the model; nothing is written."""
     start = time.perf_counter()
     result = DryRun()
-    for batch in _listed(plan, _units(plan)):
-        add_listed(result, batch, examples)
+    for batch in _listed(plan, find_units(plan)):
+        result.add(batch, examples)
     result.seconds = time.perf_counter() - start
-    if dry_run_empty(result):
+    if result.empty:
         raise no_inputs(plan, result.not_images)
     return result

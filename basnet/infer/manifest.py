@@ -234,6 +234,25 @@ class DryRun:
     examples: dict[str, list[str]] = field(default_factory=lambda: {"mask": [], "skip": [], "refused": []})
     not_images: Counter = field(default_factory=Counter)
 
+    def add(self, batch: dict[str, np.ndarray], examples: int) -> None:
+        """Counts a batch of listed rows and keeps the first ``examples`` inputs of each fate by name."""
+        batch = without_not_images(batch, self.not_images)
+        kinds, status = batch["kind"], batch["status"]
+        self.to_mask += int(np.sum(kinds == "image"))
+        self.shards += int(np.sum(kinds == "tar"))
+        self.to_skip += int(np.sum(status == SKIPPED))
+        self.refused += int(np.sum(status == FAILED))
+        for fate, rows in (("mask", np.flatnonzero(status == PENDING)), ("skip", np.flatnonzero(status == SKIPPED)),
+                           ("refused", np.flatnonzero(status == FAILED))):
+            # The first inputs by name, whatever order the listing's batches arrive in.
+            found = [f"{batch['input'][i]} -> {batch['output' if fate != 'refused' else 'error'][i]}" for i in rows]
+            self.examples[fate] = sorted(self.examples[fate] + found)[:examples]
+
+    @property
+    def empty(self) -> bool:
+        """Nothing listed: no input to mask, skip or refuse."""
+        return not (self.to_mask or self.shards or self.to_skip or self.refused)
+
     def lines(self, limit: int = 3) -> list[str]:
         shards = f" and {self.shards} tar shard(s) (their members are counted when read)" if self.shards else ""
         head = (f"dry run: to mask {self.to_mask} image(s){shards}, to skip {self.to_skip} (mask exists), "

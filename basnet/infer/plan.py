@@ -21,11 +21,11 @@ import yaml
 from basnet import storage
 from basnet.errors import JobFailed, UsageError, first_line
 from basnet.infer.config import InferConfig, is_onnx
-from basnet.infer.inputs import InputSpec, image_units, resolve_input
+from basnet.infer.inputs import InputSpec, discover_units, image_units, resolve_input
 from basnet.infer.monitor import storage_failure
 from basnet.infer.naming import canonical
 
-__all__ = ["CONFIG_DIR", "InferPlan", "new_run_id", "save_config", "plan_inference"]
+__all__ = ["CONFIG_DIR", "InferPlan", "find_units", "new_run_id", "save_config", "plan_inference"]
 
 CONFIG_DIR = "_config"
 MODEL_FILE = "model.pt"  # a training checkpoint folder's weights (basnet.checkpoint, which imports torch)
@@ -44,6 +44,23 @@ class InferPlan:
     input: InputSpec
     config_uri: str
     units: list[dict] | None = None  # known listing units (an explicit image list); else found by a task
+
+    def listing_options(self) -> dict:
+        """``basnet.infer.listing.list_batch``'s options."""
+        return {"root": self.input.root, "root_given": self.input.root_given or self.input.kind != "manifest",
+                "output_root": self.output_root, "overwrite": self.config.overwrite,
+                "suffix": self.config.output_suffix()}
+
+
+def find_units(plan: InferPlan) -> list[dict]:
+    """The plan's listing units (``basnet.infer.inputs``): known, or found now; storage that refuses
+    the listing is the ``--input``'s failure (``storage_failure``)."""
+    if plan.units is not None:
+        return plan.units
+    try:
+        return discover_units(plan.input, plan.output_root)
+    except OSError as exc:
+        raise storage_failure("--input", plan.input.uri, exc) from None
 
 
 def new_run_id() -> str:

@@ -40,13 +40,12 @@ import ray.data
 from basnet import storage
 from basnet.errors import JobFailed, UserError
 from basnet.infer.config import InferConfig, cpu_batch_size
-from basnet.infer.inputs import discover_units
 from basnet.infer.listing import list_batch
 from basnet.infer.manifest import DryRun, InferSummary
-from basnet.infer.monitor import MODEL_RESTARTS, model_failed, storage_failure
-from basnet.infer.plan import InferPlan, plan_inference, save_config
+from basnet.infer.monitor import MODEL_RESTARTS, model_failed
+from basnet.infer.plan import InferPlan, find_units, plan_inference, save_config
 from basnet.infer.ray_health import ModelHealth, stop_replicas
-from basnet.infer.recorder import RunRecorder, add_listed, dry_run_empty, no_inputs
+from basnet.infer.recorder import RunRecorder, no_inputs
 from basnet.infer.stages import decode_batch, write_batch
 from basnet.ray_errors import get, user_error
 from basnet.ray_progress import watched_dataset
@@ -181,12 +180,7 @@ def _versions(uri: str) -> tuple:
     return tuple((info.path, info.size, info.mtime_ns) for info in found if info.type == pafs.FileType.File)
 
 
-@ray.remote(**_LIGHT)
-def _find_units(plan: InferPlan) -> list[dict]:
-    try:
-        return discover_units(plan.input, plan.output_root)
-    except OSError as exc:
-        raise storage_failure("--input", plan.input.uri, exc) from None
+_find_units = ray.remote(**_LIGHT)(find_units)
 
 
 def _units(plan: InferPlan) -> list[dict]:
@@ -218,9 +212,8 @@ def _listed(plan: InferPlan, units: list[dict]) -> ray.data.Dataset:
     pool = _task_pools(cfg)[0]
     args = {**_task_args(cfg), "num_cpus": cfg.task_cpus / 2}  # never fused into the decode stage
     ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 4 * pool)))
-    return ds.map_batches(list_batch, batch_size=1, compute=ray.data.TaskPoolStrategy(size=pool), fn_kwargs={
-        "root": plan.input.root, "root_given": plan.input.root_given or plan.input.kind != "manifest",
-        "output_root": plan.output_root, "overwrite": cfg.overwrite, "suffix": cfg.output_suffix()}, **args)
+    return ds.map_batches(list_batch, batch_size=1, compute=ray.data.TaskPoolStrategy(size=pool),
+                          fn_kwargs=plan.listing_options(), **args)
 
 
 def build_dataset(plan: InferPlan, units: list[dict], weights_ref: ray.ObjectRef, health) -> ray.data.Dataset:
@@ -230,19 +223,14 @@ def build_dataset(plan: InferPlan, units: list[dict], weights_ref: ray.ObjectRef
     actor_args = {"num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.num_gpus_per_actor}
     if cfg.resources("actor_resources"):
         actor_args["resources"] = cfg.resources("actor_resources")
-    ds = _listed(plan, units).map_batches(decode_batch, fn_kwargs={
-        "size": cfg.image_size, "max_pixels": cfg.max_pixels, "reduced": not cfg.full_decode,
-        "keep_bytes": cfg.needs_source(), "overwrite": cfg.overwrite, "suffix": cfg.output_suffix(),
-        "batch_size": cfg.task_batch_size},
-        compute=ray.data.TaskPoolStrategy(size=_task_pools(cfg)[1]), **task_args)
-    options = {"precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile,
-               "runtime": cfg.runtime}
+    ds = _listed(plan, units).map_batches(decode_batch, fn_kwargs=cfg.decode_options(cfg.task_batch_size),
+                                          compute=ray.data.TaskPoolStrategy(size=_task_pools(cfg)[1]), **task_args)
     write = cfg.write_options()
     in_actor = _write_in_actor(cfg)
     ds.set_name(DATASET_NAME)
     ds = ds.map_batches(_PredictorActor, fn_constructor_kwargs={
         "weights": (weights_ref,), "health": health, "threads": cfg.actor_threads, "image_size": cfg.image_size,
-        "options": options, "write": write if in_actor else None}, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        "options": cfg.model_options(), "write": write if in_actor else None}, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         batch_size=cfg.batch_size, batch_format="numpy", **actor_args)
     return ds if in_actor else ds.map_batches(write_batch, fn_kwargs=write, **task_args)
 
@@ -324,8 +312,8 @@ def dry_run(plan: InferPlan, *, examples: int = 3) -> DryRun:
     listed = _listed(plan, _units(plan))
     listed.set_name("listing")
     for batch in watched_dataset(listed, "listing", plan.config.stall_timeout):
-        add_listed(result, batch, examples)
+        result.add(batch, examples)
     result.seconds = time.perf_counter() - start
-    if dry_run_empty(result):
+    if result.empty:
         raise no_inputs(plan, result.not_images)
     return result

@@ -11,22 +11,12 @@ import numpy as np
 
 from basnet.errors import UsageError
 from basnet.imaging import IMAGE_SUFFIXES
-from basnet.infer.manifest import (
-    FAILED,
-    PENDING,
-    SKIPPED,
-    DryRun,
-    InferSummary,
-    ManifestWriter,
-    Progress,
-    not_images_line,
-    without_not_images,
-)
+from basnet.infer.manifest import InferSummary, ManifestWriter, Progress, not_images_line, without_not_images
 from basnet.infer.monitor import RunMonitor
 from basnet.infer.plan import InferPlan
 from basnet.infer.review import QualityReview
 
-__all__ = ["RunRecorder", "no_inputs", "add_listed", "dry_run_empty"]
+__all__ = ["RunRecorder", "no_inputs"]
 
 
 def no_inputs(plan: InferPlan, not_images: Counter) -> UsageError:
@@ -72,22 +62,3 @@ class RunRecorder:
                             run_id=plan.run_id, stage_seconds=dict(self.writer.stage_seconds),
                             not_images=self.not_images, quality=self.review.line(),
                             review=self.review.write(plan.output_root, max_pixels=plan.config.max_pixels))
-
-
-def add_listed(result: DryRun, batch: dict[str, np.ndarray], examples: int) -> None:
-    """Adds a batch of listed rows to a dry run's counts and first examples."""
-    batch = without_not_images(batch, result.not_images)
-    kinds, status = batch["kind"], batch["status"]
-    result.to_mask += int(np.sum(kinds == "image"))
-    result.shards += int(np.sum(kinds == "tar"))
-    result.to_skip += int(np.sum(status == SKIPPED))
-    result.refused += int(np.sum(status == FAILED))
-    for fate, rows in (("mask", np.flatnonzero(status == PENDING)), ("skip", np.flatnonzero(status == SKIPPED)),
-                       ("refused", np.flatnonzero(status == FAILED))):
-        # The first inputs by name, whatever order the listing's batches arrive in.
-        found = [f"{batch['input'][i]} -> {batch['output' if fate != 'refused' else 'error'][i]}" for i in rows]
-        result.examples[fate] = sorted(result.examples[fate] + found)[:examples]
-
-
-def dry_run_empty(result: DryRun) -> bool:
-    return not (result.to_mask or result.shards or result.to_skip or result.refused)
