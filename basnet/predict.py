@@ -13,7 +13,7 @@ from torch import nn
 
 from basnet.device import FP32, Precision, to_device, to_model_input
 
-__all__ = ["predict_probabilities", "predict_raw", "predict_assessed"]
+__all__ = ["predict_probabilities", "predict_raw"]
 
 
 @torch.no_grad()
@@ -22,17 +22,6 @@ def predict_raw(model: nn.Module, images: torch.Tensor, *, device: torch.device,
     """The sigmoid of the refined output as it is, before normalisation (what ``basnet.quality``
     judges a mask by): float32 (N, H, W) on the CPU for uint8 NHWC ``images``."""
     return _sigmoid_maps(model, images, device=device, precision=precision, memory_format=memory_format).cpu()
-
-
-@torch.no_grad()
-def predict_assessed(model: nn.Module, images: torch.Tensor, *, device: torch.device, precision: Precision = FP32,
-                     memory_format: torch.memory_format = torch.contiguous_format) -> tuple[torch.Tensor, dict]:
-    """``predict_raw``'s maps and their quality figures (``basnet.quality.assess_tensor``), the figures
-    reduced on ``device`` before the maps leave it."""
-    from basnet.quality import assess_tensor
-
-    prob = _sigmoid_maps(model, images, device=device, precision=precision, memory_format=memory_format)
-    return prob.cpu(), assess_tensor(prob)
 
 
 def _sigmoid_maps(model: nn.Module, images: torch.Tensor, *, device: torch.device, precision: Precision,

@@ -1,27 +1,29 @@
 """How sure the model is of each mask, from its raw map, with no ground truth (NumPy only).
 
-The figures are computed on the sigmoid of BASNet's refined output at the model's side, before any
-normalisation: min-max stretching (the test protocol's) turns any map into a full-contrast one and
-hides what the model thought. Per image:
+The figures are computed from the sigmoid of BASNet's refined output at the model's side, before any
+normalisation, read as the model's probability that each pixel is salient. Per image:
 
 - ``peak``: the map's largest value. Below 0.5 no pixel is called salient: ``no_object``.
-- ``expected_error``: the mean of 2 p (1 - p) over the pixels: the mask's MAE as the model itself
-  expects it (were its probabilities calibrated, a pixel of value p is wrong by p(1 - p) + (1 - p)p
-  on average). Wide soft bands, faint blobs and hesitant objects raise it.
+- ``expected_error``: the MAE the model itself expects of the mask as it is written: with ``p`` the
+  raw map and ``w`` the map the mask is rendered from (:func:`finish_map`: min-max normalised, the
+  raw map itself, or empty), the mean over the pixels of ``w (1 - p) + (1 - w) p``, the chance-
+  weighted error were the truth drawn from ``p``. For the raw map that is ``2 p (1 - p)``; min-max
+  stretching a map the model left low everywhere (a scene without an object, an object it missed)
+  writes a full-contrast mask the model itself does not believe, and the figure says so.
 - ``salient_share``: the share of pixels over 0.5 (the object's area).
-- ``confidence`` in [0, 1]: ``|2 peak - 1| * (1 - expected_error)``: how decided the model is that
-  there is an object (or that there is none), then, among decided maps, how clean the mask is.
+- ``confidence`` in (0, 1]: ``2 ** (-expected_error / 0.1)``: 1 for a mask the model expects to be
+  exact, halved for each 0.1 of expected MAE (0.5 at 0.1, the evaluation's line for an object found).
 
 Chosen by measurement on held-out data with ground truth (docs/infer.md, "Which masks are wrong?").
-``finish_map`` then gives the map a mask is rendered from: min-max normalised or raw
-(``--normalize``), or empty for a ``no_object`` image under ``--on-no-object empty``.
+The figures depend on ``--normalize`` and ``--on-no-object`` because the mask does: :func:`finish`
+gives both, as the bulk job's write stage and the service use them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["QUALITY_COLUMNS", "NORMALIZES", "ON_NO_OBJECT", "assess", "assess_tensor", "no_figures", "finish_map",
+__all__ = ["QUALITY_COLUMNS", "NORMALIZES", "ON_NO_OBJECT", "assess", "finish", "no_figures", "finish_map",
            "minmax", "spearman", "least_confident_ratio"]
 
 NORMALIZES = ("minmax", "none")
@@ -29,6 +31,7 @@ ON_NO_OBJECT = ("keep", "empty")
 # Per-image figures, in the order of the manifest's columns (float64, except no_object).
 QUALITY_COLUMNS = ("confidence", "no_object", "peak", "expected_error", "salient_share")
 NO_OBJECT_BELOW = 0.5  # peak under this: the model calls no pixel salient
+ERROR_HALVES_CONFIDENCE = 0.1  # each 0.1 of expected MAE halves the confidence
 
 
 def no_figures(n: int) -> dict[str, np.ndarray]:
@@ -36,29 +39,27 @@ def no_figures(n: int) -> dict[str, np.ndarray]:
     return {key: np.zeros(n, bool) if key == "no_object" else np.full(n, np.nan) for key in QUALITY_COLUMNS}
 
 
-def assess(raw: np.ndarray) -> dict[str, np.ndarray]:
-    """The quality figures of (N, S, S) raw sigmoid maps, one value per image for each of
-    ``QUALITY_COLUMNS`` (NumPy arrays of N)."""
-    flat = np.asarray(raw, dtype=np.float32).reshape(len(raw), -1)
-    return _figures(flat.max(axis=1).astype(np.float64), (2.0 * flat * (1.0 - flat)).mean(axis=1, dtype=np.float64),
-                    (flat > 0.5).mean(axis=1, dtype=np.float64))
+def assess(raw: np.ndarray, *, normalize: str = "minmax", on_no_object: str = "keep") -> dict[str, np.ndarray]:
+    """The quality figures of (N, S, S) raw sigmoid maps whose masks are written as ``normalize`` and
+    ``on_no_object`` say: one value per image for each of ``QUALITY_COLUMNS`` (NumPy arrays of N)."""
+    maps = np.asarray(raw, dtype=np.float32)
+    flat = maps.reshape(len(maps), -1)
+    peak = flat.max(axis=1).astype(np.float64) if flat.size else np.zeros(len(maps))
+    no_object = peak < NO_OBJECT_BELOW
+    written = np.stack([finish_map(m, normalize=normalize, no_object=bool(flag), on_no_object=on_no_object)
+                        for m, flag in zip(maps, no_object)]).reshape(flat.shape) if len(maps) else flat
+    expected_error = (written * (1.0 - flat) + (1.0 - written) * flat).mean(axis=1, dtype=np.float64)
+    return {"confidence": np.exp2(-expected_error / ERROR_HALVES_CONFIDENCE), "no_object": no_object, "peak": peak,
+            "expected_error": expected_error, "salient_share": (flat > 0.5).mean(axis=1, dtype=np.float64)}
 
 
-def assess_tensor(prob) -> dict[str, np.ndarray]:
-    """:func:`assess` of a torch tensor of (N, S, S) maps, reduced where the tensor is: a GPU's maps
-    are judged on the GPU, and 3 numbers per image cross to the host, in one copy."""
-    import torch
-
-    flat = prob.reshape(len(prob), -1).float()
-    figures = torch.stack([flat.amax(dim=1).double(), (2.0 * flat * (1.0 - flat)).double().mean(dim=1),
-                           (flat > 0.5).double().mean(dim=1)]).cpu().numpy()
-    return _figures(*figures)
-
-
-def _figures(peak: np.ndarray, expected_error: np.ndarray, salient_share: np.ndarray) -> dict[str, np.ndarray]:
-    confidence = np.abs(2.0 * peak - 1.0) * (1.0 - expected_error)
-    return {"confidence": np.clip(confidence, 0.0, 1.0), "no_object": peak < NO_OBJECT_BELOW, "peak": peak,
-            "expected_error": expected_error, "salient_share": salient_share}
+def finish(raw: np.ndarray, *, normalize: str = "minmax", on_no_object: str = "keep") -> tuple[np.ndarray, dict]:
+    """One (S, S) raw map's mask map (:func:`finish_map`) and its figures (:func:`assess`, as Python
+    scalars): what the write stage and the service render and report."""
+    figures = {key: values[0].item() for key, values in
+               assess(raw[None], normalize=normalize, on_no_object=on_no_object).items()}
+    prob = finish_map(raw, normalize=normalize, no_object=figures["no_object"], on_no_object=on_no_object)
+    return prob, figures
 
 
 def minmax(raw: np.ndarray) -> np.ndarray:

@@ -9,10 +9,11 @@
    and prints its confidence line; beside it, the same two figures for the raw map's largest value
    alone (the plain baseline), from the evaluation's per_image.parquet.
 2. The candidates the formula was chosen from: the model run directly on the same images (at the
-   checkpoint's side, the 7 side outputs kept), each candidate ranked against per-image MAE of the
-   raw map at that side (the ground truth resized to it).
-3. The model stage's cost: the model's forward pass on a batch against ``basnet.quality.assess`` on
-   its maps, at the checkpoint's side and at 256 px (the published weights'), on this machine's CPU.
+   checkpoint's side, the 7 side outputs kept), each candidate ranked against the per-image MAE of
+   the mask as written under each ``--normalize`` (at that side, the ground truth resized to it).
+3. The cost: the model's forward pass on a batch against ``basnet.quality.assess`` on its maps, one
+   map at a time as the write stage judges them, at the checkpoint's side and at 256 px (the
+   published weights'), on this machine's CPU.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from basnet.checkpoint import load_for_inference  # noqa: E402
 from basnet.data.sample import ensure_sample, generate_sample  # noqa: E402
 from basnet.predict import predict_raw  # noqa: E402
-from basnet.quality import assess, assess_tensor, least_confident_ratio, spearman  # noqa: E402
+from basnet.quality import assess, finish_map, least_confident_ratio, spearman  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,32 +82,37 @@ def candidates(weights: str, data: str) -> None:
 
     model, size = load_for_inference(weights, None)
     folder = os.path.join(data, "DUTS-TE", "DUTS-TE-Image")
-    figures: dict[str, list[float]] = {}
-    errors = []
+    rows, truths = [], []
     for name in sorted(os.listdir(folder)):
         with open(os.path.join(folder, name), "rb") as f:
             image = decode_for_model(f.read(), size).image
         mask = Image.open(os.path.join(data, "DUTS-TE", "DUTS-TE-Mask", name.rsplit(".", 1)[0] + ".png"))
-        truth = np.asarray(mask.resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255
+        truths.append(np.asarray(mask.resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255)
         with torch.no_grad():
             outputs = model(to_model_input(torch.from_numpy(image[None])))
-        maps = [torch.sigmoid(m.float())[0, 0].numpy() for m in outputs]
-        p, sides = maps[0], np.stack(maps[1:])
-        errors.append(float(np.abs(p - truth).mean()))
-        decision, expected = abs(2 * p.max() - 1), float((2 * p * (1 - p)).mean())
-        soft_iou = np.minimum(p, sides).sum(axis=(1, 2)) / np.maximum(np.maximum(p, sides).sum(axis=(1, 2)), 1e-9)
-        row = {"peak alone (baseline)": p.max(), "|2 peak - 1|": decision,
-               "|2 peak - 1| x (1 - expected_error) (chosen)": assess(p[None])["confidence"][0],
-               "|2 peak - 1| x (1 - 2 expected_error)": decision * (1 - 2 * expected),
-               "|2 peak - 1| x exp(-20 expected_error)": decision * np.exp(-20 * expected),
-               "|2 peak - 1| x (1 - share in 0.1-0.9)": decision * (1 - ((p > 0.1) & (p < 0.9)).mean()),
-               "|2 peak - 1| x soft IoU with the side outputs": decision * float(soft_iou.mean())}
-        for key, value in row.items():
-            figures.setdefault(key, []).append(float(value))
-    print(f"candidates against the raw map's per-image MAE at {size} px ({len(errors)} images):")
-    for key, values in figures.items():
-        print(f"  {key:48s} Spearman {spearman(values, errors):+.3f}, least confident tenth "
-              f"{least_confident_ratio(values, errors):.2f}x")
+        rows.append([torch.sigmoid(m.float())[0, 0].numpy() for m in outputs])
+    for normalize in ("minmax", "none"):
+        figures: dict[str, list[float]] = {}
+        errors = []
+        for maps, truth in zip(rows, truths):
+            p, sides = maps[0], np.stack(maps[1:])
+            judged = assess(p[None], normalize=normalize)
+            written = finish_map(p, normalize=normalize, no_object=bool(judged["no_object"][0]))
+            errors.append(float(np.abs(written - truth).mean()))
+            decision, raw_expected = abs(2 * p.max() - 1), float((2 * p * (1 - p)).mean())
+            soft_iou = np.minimum(p, sides).sum(axis=(1, 2)) / np.maximum(np.maximum(p, sides).sum(axis=(1, 2)), 1e-9)
+            row = {"peak alone (baseline)": p.max(), "|2 peak - 1|": decision,
+                   "|2 peak - 1| x (1 - raw map's 2p(1-p))": decision * (1 - raw_expected),
+                   "|2 peak - 1| x soft IoU with the side outputs": decision * float(soft_iou.mean()),
+                   "2^(-written mask's expected error / 0.1) (chosen)": judged["confidence"][0],
+                   "the chosen x |2 peak - 1|": judged["confidence"][0] * decision}
+            for key, value in row.items():
+                figures.setdefault(key, []).append(float(value))
+        print(f"candidates against the per-image MAE of the mask written with --normalize {normalize} "
+              f"(at {size} px, {len(errors)} images):")
+        for key, values in figures.items():
+            print(f"  {key:52s} Spearman {spearman(values, errors):+.3f}, least confident tenth "
+                  f"{least_confident_ratio(values, errors):.2f}x")
 
 
 def overhead(weights: str, sides: list[int], batch: int, repeats: int) -> None:
@@ -118,14 +124,16 @@ def overhead(weights: str, sides: list[int], batch: int, repeats: int) -> None:
         forward, judge = [], []
         for _ in range(repeats):
             start = time.perf_counter()
-            raw = predict_raw(model, images, device=torch.device("cpu"))
+            raw = predict_raw(model, images, device=torch.device("cpu")).numpy()
             forward.append(time.perf_counter() - start)
             start = time.perf_counter()
-            assess_tensor(raw)  # as the model stage does, on the maps where the model made them
+            for one in raw:  # as the write stage does, one map at a time beside its mask's rendering
+                assess(one[None])
             judge.append(time.perf_counter() - start)
         f, j = np.median(forward), np.median(judge)
         print(f"{side} px, batch {batch}: model {1000 * f / batch:.1f} ms/image, quality figures "
-              f"{1000 * j / batch:.3f} ms/image: +{100 * j / f:.2f} % of the model stage")
+              f"{1000 * j / batch:.3f} ms/image (one core, in the write stage): {100 * j / f:.2f} % of the "
+              f"model stage's time")
 
 
 def main() -> None:

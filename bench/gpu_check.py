@@ -124,7 +124,7 @@ def masking(args, tmp: str) -> dict:
 def model_only(args) -> list[dict]:
     from basnet.device import resolve_precision
     from basnet.model import BASNet
-    from basnet.predict import predict_assessed, predict_probabilities
+    from basnet.predict import predict_probabilities
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision("bf16" if device.type == "cuda" else "fp32", device)
@@ -146,12 +146,6 @@ def model_only(args) -> list[dict]:
         seconds = time.perf_counter() - start  # predict_probabilities ends with .cpu(): synchronised
         rows.append({"compiled": compiled, "images_per_s": args.ceiling_iters * args.ceiling_batch / seconds,
                      "first_batch_s": first, "precision": precision.name})
-        if not compiled:  # the bulk job's model call: the raw maps and their quality figures, reduced on the GPU
-            start = time.perf_counter()
-            for _ in range(args.ceiling_iters):
-                predict_assessed(model, images, device=device, precision=precision, memory_format=fmt)
-            seconds = time.perf_counter() - start
-            rows[-1]["assessed_images_per_s"] = args.ceiling_iters * args.ceiling_batch / seconds
     return rows
 
 
@@ -217,11 +211,6 @@ def report(results: dict, args, device: str) -> str:
         lines.append(f"| model only, batch {args.ceiling_batch} at {args.ceiling_size} px, {row['precision']}, {kind} | "
                      f"{row['images_per_s']:.1f} img/s (first batch {row['first_batch_s']:.1f} s) | "
                      f"{results['ceiling_gpu']} |")
-        if "assessed_images_per_s" in row:
-            cost = row["images_per_s"] / row["assessed_images_per_s"] - 1
-            lines.append(f"| model only, eager, with the quality figures (`predict_assessed`) | "
-                         f"{row['assessed_images_per_s']:.1f} img/s ({100 * cost:+.1f} % time) | "
-                         f"{results['ceiling_gpu']} |")
     lines.append(f"| bulk masking / model-only eager ceiling | "
                  f"{m['images_per_s'] / results['ceiling'][0]['images_per_s']:.2f}x | |")
     j = results["jpeg"]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from basnet.infer.manifest import PENDING
-from basnet.quality import QUALITY_COLUMNS, assess, minmax, no_figures
+from basnet.quality import minmax
 
 if TYPE_CHECKING:
     import torch
@@ -117,8 +117,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 class MaskPredictor:
-    """Saliency maps at the model's size for a decoded batch, with each map's quality figures
-    (``basnet.quality``); rows not pending pass through.
+    """Raw saliency maps at the model's size for a decoded batch (normalised, and judged, by the
+    write stage); rows not pending pass through.
 
     Args:
         state_dict: BASNet weights, tensors or NumPy arrays (used in place: read-only arrays from Ray's
@@ -186,44 +186,34 @@ class MaskPredictor:
         self.model = compile_model(model.to(device).eval().to(memory_format=self.memory_format), compile)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``prob``: each pending row's raw map (float32 bytes, before normalisation); the figures of
-        ``QUALITY_COLUMNS`` (NaN and False for rows not pending); ``infer_s``: its share of the time."""
+        """``prob``: each pending row's raw map (float32 bytes, before normalisation, which the write
+        stage does and judges the mask by); ``infer_s``: its share of the time."""
         out = {k: v for k, v in batch.items() if k != "image"}
         pending = np.flatnonzero(np.asarray(batch["status"] == PENDING, dtype=bool))
         n = len(batch["status"])
         probs = np.full(n, b"", dtype=object)
-        quality = no_figures(n)
         infer_s = np.zeros(n)
         if len(pending):
             start = time.perf_counter()
             images = np.stack([np.frombuffer(batch["image"][i], np.uint8).reshape(self.size, self.size, 3)
                                for i in pending])
-            raw, figures = self.predict_assessed(images)
-            for key, values in figures.items():
-                quality[key][pending] = values
-            for i, prob in zip(pending, raw):
+            for i, prob in zip(pending, self.predict_raw(images)):
                 probs[i] = prob.tobytes()
             infer_s[pending] = (time.perf_counter() - start) / len(pending)
-        return {**out, "prob": probs, **quality, "infer_s": infer_s}
+        return {**out, "prob": probs, "infer_s": infer_s}
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """The test protocol's maps: ``predict_raw``'s, min-max normalised per image."""
         return minmax(self.predict_raw(images))
 
     def predict_raw(self, images: np.ndarray) -> np.ndarray:
-        """float32 (N, S, S) raw maps (the refined output's sigmoid) of uint8 (N, S, S, 3) images."""
-        return self.predict_assessed(images)[0]
-
-    def predict_assessed(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """``predict_raw``'s maps and their figures of ``basnet.quality.QUALITY_COLUMNS`` (computed on
-        the model's device), in chunks the memory allows."""
-        maps, figures, start = [], [], 0
+        """float32 (N, S, S) raw maps (the refined output's sigmoid) of uint8 (N, S, S, 3) images, in
+        chunks the memory allows."""
+        maps, start = [], 0
         while start < len(images):
             size = min(self.max_batch or len(images), len(images) - start)
             try:
-                chunk, judged = self._forward(images[start:start + size])
-                maps.append(chunk)
-                figures.append(judged)
+                maps.append(self._forward(images[start:start + size]))
                 start += size
             except Exception as exc:
                 if not is_out_of_memory(exc) or size == 1:
@@ -232,25 +222,23 @@ class MaskPredictor:
                 logger.warning("out of memory on a batch of %d images: going on with %d", size, self.max_batch)
                 if self.device_type == "cuda":
                     sys.modules["torch"].cuda.empty_cache()
-        return np.concatenate(maps), {key: np.concatenate([f[key] for f in figures]) for key in QUALITY_COLUMNS}
+        return np.concatenate(maps)
 
-    def _forward(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _forward(self, images: np.ndarray) -> np.ndarray:
         if self.session is not None:  # the exported graph's first output is the refined map's sigmoid
             from basnet.export.ort import model_input
 
             # One image per run: batches of 4 gained ONNX Runtime under 2 % at 320 px on the CPU, and
             # each image of a batch adds its activations to the peak (2.27 against 1.32 GB).
-            maps = np.concatenate([self.session.run(None, {self.input_name: model_input(images[i:i + 1])})[0][:, 0]
+            return np.concatenate([self.session.run(None, {self.input_name: model_input(images[i:i + 1])})[0][:, 0]
                                    for i in range(len(images))])
-            return maps, assess(maps)
         import torch
 
-        from basnet.predict import predict_assessed
+        from basnet.predict import predict_raw
 
         tensor = torch.from_numpy(np.ascontiguousarray(images))
-        maps, figures = predict_assessed(self.model, tensor, device=self.device, precision=self.precision,
-                                         memory_format=self.memory_format)
-        return maps.numpy(), figures
+        return predict_raw(self.model, tensor, device=self.device, precision=self.precision,
+                           memory_format=self.memory_format).numpy()
 
 
 def _torch_threads() -> int:

@@ -26,7 +26,7 @@ from basnet.errors import first_line
 from basnet.imaging import ImageDecodeError, decode_for_model, has_image_suffix, render_output
 from basnet.infer.manifest import FAILED, PENDING, SKIPPED, STAGES, WRITTEN
 from basnet.infer.naming import OutputNames, UnsafeNameError, output_uri, printable
-from basnet.quality import QUALITY_COLUMNS, finish_map, no_figures
+from basnet.quality import finish, no_figures
 
 __all__ = ["DECODED_COLUMNS", "decode_batch", "write_batch", "read_error"]
 
@@ -152,18 +152,19 @@ def write_batch(batch: dict[str, np.ndarray], *, fmt: str, threshold: float, siz
                 on_no_object: str = "keep") -> dict[str, np.ndarray]:
     """Stage 3: renders each pending row's output at its image's size from its raw map (normalised as
     ``normalize`` says; empty for a ``no_object`` row under ``on_no_object="empty"``), encodes it in
-    ``encoding`` and writes it atomically; returns the manifest's columns (the quality figures
-    included)."""
+    ``encoding`` and writes it atomically; returns the manifest's columns, the quality figures of
+    each written mask included (``basnet.quality.finish``)."""
     status = np.array(batch["status"], dtype=object)
     error = np.array(batch["error"], dtype=object)
     encode_s, write_s = np.zeros(len(status)), np.zeros(len(status))
-    quality = {**no_figures(len(status)), **{key: batch[key] for key in QUALITY_COLUMNS if key in batch}}
+    quality = no_figures(len(status))
     for i in np.flatnonzero(status == PENDING):
         start = time.perf_counter()
         try:
             raw = np.frombuffer(batch["prob"][i], dtype=np.float32).reshape(size, size)
-            prob = finish_map(raw, normalize=normalize, no_object=bool(quality["no_object"][i]),
-                              on_no_object=on_no_object)
+            prob, figures = finish(raw, normalize=normalize, on_no_object=on_no_object)
+            for key, value in figures.items():
+                quality[key][i] = value
             encoded = render_output(prob, int(batch["height"][i]), int(batch["width"][i]), fmt=fmt,
                                     threshold=threshold, source=batch["data"][i], encoding=encoding,
                                     max_pixels=max_pixels, refine=refine)

@@ -35,7 +35,7 @@ from basnet.config import from_dict, option_type
 from basnet.errors import UsageError
 from basnet.imaging import FORMATS, REFINES, default_refine, render_output
 from basnet.infer.config import cpu_batch_size
-from basnet.quality import NORMALIZES, ON_NO_OBJECT, finish_map
+from basnet.quality import NORMALIZES, ON_NO_OBJECT, finish
 from basnet.serve.config import ServeConfig
 from basnet.serve.http import RequestError, decode_upload, error_json, mask_options, read_upload
 
@@ -106,13 +106,13 @@ class Masker:
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(images))
         try:
-            maps, figures = await asyncio.get_running_loop().run_in_executor(
-                self.model_thread, self.predictor.predict_assessed, np.stack(images))
+            maps = await asyncio.get_running_loop().run_in_executor(
+                self.model_thread, self.predictor.predict_raw, np.stack(images))
         except ModelError as exc:
             self.failures_in_a_row, self.last_failure = self.failures_in_a_row + 1, str(exc)
             raise
         self.failures_in_a_row = 0
-        return [(m, {key: values[i] for key, values in figures.items()}) for i, m in enumerate(maps)]
+        return list(maps)
 
     def check_health(self) -> None:
         """Serve's health check: a model that keeps failing gets its replica replaced."""
@@ -192,9 +192,8 @@ class Masker:
                 raise RequestError(413, f"the image is {len(data)} bytes, above --max-bytes {self.cfg.max_bytes}")
             upload = await asyncio.to_thread(decode_upload, data, size=self.size, max_pixels=self.cfg.max_pixels,
                                              reduced=not self.cfg.full_decode, filename=filename)
-            raw, quality = await self.predict(upload.image)
-            prob = finish_map(raw, normalize=options.normalize, no_object=bool(quality["no_object"]),
-                              on_no_object=options.on_no_object)
+            raw = await self.predict(upload.image)
+            prob, quality = finish(raw, normalize=options.normalize, on_no_object=options.on_no_object)
             png = await asyncio.to_thread(render_output, prob, upload.height, upload.width, fmt=options.format,
                                           threshold=options.threshold, source=upload.data,
                                           max_pixels=self.cfg.max_pixels, refine=options.refine)
