@@ -42,24 +42,29 @@ def no_figures(n: int) -> dict[str, np.ndarray]:
 def assess(raw: np.ndarray, *, normalize: str = "minmax", on_no_object: str = "keep") -> dict[str, np.ndarray]:
     """The quality figures of (N, S, S) raw sigmoid maps whose masks are written as ``normalize`` and
     ``on_no_object`` say: one value per image for each of ``QUALITY_COLUMNS`` (NumPy arrays of N)."""
-    maps = np.asarray(raw, dtype=np.float32)
-    flat = maps.reshape(len(maps), -1)
-    peak = flat.max(axis=1).astype(np.float64) if flat.size else np.zeros(len(maps))
-    no_object = peak < NO_OBJECT_BELOW
-    written = np.stack([finish_map(m, normalize=normalize, no_object=bool(flag), on_no_object=on_no_object)
-                        for m, flag in zip(maps, no_object)]).reshape(flat.shape) if len(maps) else flat
-    expected_error = (written * (1.0 - flat) + (1.0 - written) * flat).mean(axis=1, dtype=np.float64)
-    return {"confidence": np.exp2(-expected_error / ERROR_HALVES_CONFIDENCE), "no_object": no_object, "peak": peak,
-            "expected_error": expected_error, "salient_share": (flat > 0.5).mean(axis=1, dtype=np.float64)}
+    return _judge(raw, normalize, on_no_object)[1]
 
 
 def finish(raw: np.ndarray, *, normalize: str = "minmax", on_no_object: str = "keep") -> tuple[np.ndarray, dict]:
     """One (S, S) raw map's mask map (:func:`finish_map`) and its figures (:func:`assess`, as Python
     scalars): what the write stage and the service render and report."""
-    figures = {key: values[0].item() for key, values in
-               assess(raw[None], normalize=normalize, on_no_object=on_no_object).items()}
-    prob = finish_map(raw, normalize=normalize, no_object=figures["no_object"], on_no_object=on_no_object)
-    return prob, figures
+    written, figures = _judge(np.asarray(raw)[None], normalize, on_no_object)
+    return written[0], {key: values[0].item() for key, values in figures.items()}
+
+
+def _judge(raw: np.ndarray, normalize: str, on_no_object: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The maps masks are rendered from, and their figures."""
+    maps = np.asarray(raw, dtype=np.float32)
+    flat = maps.reshape(len(maps), int(np.prod(maps.shape[1:])))
+    peak = flat.max(axis=1, initial=0.0).astype(np.float64)
+    no_object = peak < NO_OBJECT_BELOW
+    written = np.stack([finish_map(m, normalize=normalize, no_object=bool(flag), on_no_object=on_no_object)
+                        for m, flag in zip(maps, no_object)]) if len(maps) else maps
+    w = written.reshape(flat.shape)
+    expected_error = (w * (1.0 - flat) + (1.0 - w) * flat).mean(axis=1, dtype=np.float64)
+    return written, {"confidence": np.exp2(-expected_error / ERROR_HALVES_CONFIDENCE), "no_object": no_object,
+                     "peak": peak, "expected_error": expected_error,
+                     "salient_share": (flat > 0.5).mean(axis=1, dtype=np.float64)}
 
 
 def minmax(raw: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""How well mask confidence ranks the errors, and what it costs the model stage.
+"""How well mask confidence ranks the errors, and what it costs beside the model stage.
 
     python bench/confidence.py --weights runs/long/epoch_0024                 # held-out contrast 0.25-1
     python bench/confidence.py --weights runs/long/epoch_0024 --contrast 0 1  # down to invisible objects

@@ -2,10 +2,11 @@
 
 One replica holds one model. A request is read, checked and decoded on its own (``basnet.serve.http``,
 in a thread, so the event loop keeps taking requests); only decoded images join a batch
-(``@serve.batch``), which runs in the replica's one model thread; the map comes back to its request,
-with its quality figures (``basnet.quality``: the answer's ``X-Mask-Confidence`` and
-``X-Mask-No-Object`` headers, the bulk job's manifest figures), and it is rendered at the image's
-original size exactly as the bulk job does (``basnet.imaging.render_output``). Out of memory halves
+(``@serve.batch``), which runs in the replica's one model thread; the raw map comes back to its
+request, which finishes it as its options say and takes its quality figures (``basnet.quality.finish``:
+the answer's ``X-Mask-Confidence`` and ``X-Mask-No-Object`` headers, the bulk job's manifest figures),
+then renders it at the image's original size exactly as the bulk job does
+(``basnet.imaging.render_output``). Out of memory halves
 the batch (``MaskPredictor``); a model that fails three batches in a row fails its health check and
 Serve replaces the replica.
 
@@ -52,6 +53,15 @@ _FORM_SLACK = 64 * 1024  # a multipart form's own bytes around the file
 
 def _json(status: int, payload: dict, **headers: str) -> Response:
     return Response(json.dumps(payload), status_code=status, media_type="application/json", headers=headers)
+
+
+def _answer(raw: np.ndarray, upload, options, max_pixels: int) -> tuple[bytes, dict]:
+    """An answer's PNG and its quality figures: the raw map finished as the request's options say
+    (``basnet.quality.finish``, as the bulk job's write stage does), then rendered at the upload's size."""
+    prob, quality = finish(raw, normalize=options.normalize, on_no_object=options.on_no_object)
+    png = render_output(prob, upload.height, upload.width, fmt=options.format, threshold=options.threshold,
+                        source=upload.data, max_pixels=max_pixels, refine=options.refine)
+    return png, quality
 
 
 def _error(exc: RequestError) -> Response:
@@ -193,10 +203,7 @@ class Masker:
             upload = await asyncio.to_thread(decode_upload, data, size=self.size, max_pixels=self.cfg.max_pixels,
                                              reduced=not self.cfg.full_decode, filename=filename)
             raw = await self.predict(upload.image)
-            prob, quality = finish(raw, normalize=options.normalize, on_no_object=options.on_no_object)
-            png = await asyncio.to_thread(render_output, prob, upload.height, upload.width, fmt=options.format,
-                                          threshold=options.threshold, source=upload.data,
-                                          max_pixels=self.cfg.max_pixels, refine=options.refine)
+            png, quality = await asyncio.to_thread(_answer, raw, upload, options, self.cfg.max_pixels)
         except RequestError as exc:
             self.stats["refused"] += 1
             return _error(exc)

@@ -286,14 +286,14 @@ def test_mask_predictor_gives_the_models_raw_maps_and_passes_failed_rows_through
     out = MaskPredictor(model.state_dict(), device=torch.device("cpu"), image_size=32)(batch)
     direct = predict_raw(model, torch.from_numpy(images[[0, 2]]), device=torch.device("cpu")).numpy()
     probs = [np.frombuffer(p, np.float32).reshape(32, 32) if p else None for p in out["prob"]]
-    assert "image" not in out and out["prob"][1] == b""
+    assert "image" not in out and out["prob"][1] == b"" and not set(QUALITY_COLUMNS) & set(out)  # judged when written
     raw = np.stack([probs[0], probs[2]])
     assert np.allclose(raw, direct, atol=1e-5)  # the sigmoid as it is: normalised only when written
     assert list(out["status"]) == ["pending", "failed", "pending"]
     assert out["infer_s"][1] == 0 and out["infer_s"][0] > 0
 
 
-def test_write_batch_writes_pending_rows_and_records_write_failures(tmp_path):
+def test_write_batch_writes_pending_rows_with_their_masks_figures_and_records_write_failures(tmp_path):
     (tmp_path / "file").write_bytes(b"")
     prob = np.random.default_rng(0).random((3, 32, 32), dtype=np.float32)
     batch = {"input": strings("a", "b", "c"),

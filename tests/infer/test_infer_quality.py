@@ -104,7 +104,7 @@ def test_the_manifest_gives_each_mask_its_confidence_and_flags_the_scenes_withou
     for name in ("object_a", "object_b", "object_c"):
         assert emptied[name]["confidence"] == rows[name]["confidence"]  # the same mask, the same figures
     for row in rows.values():
-        assert 0 <= row["confidence"] <= 1 and row["peak"] < 0.5 if row["no_object"] else row["peak"] >= 0.5
+        assert 0 < row["confidence"] <= 1 and (row["peak"] < 0.5) == row["no_object"]
         assert 0 <= row["expected_error"] <= 1 and 0 <= row["salient_share"] <= 1
     assert rows["object_a"]["salient_share"] == pytest.approx(np.pi / 16, abs=0.02)  # the disc's area
     assert keep.quality == "quality: 3 of 6 masks show no object; 3 under confidence 0.5 (--flag-below)"
