@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from basnet.checkpoint import load_for_inference  # noqa: E402
 from basnet.data.sample import ensure_sample, generate_sample  # noqa: E402
 from basnet.predict import predict_raw  # noqa: E402
-from basnet.quality import assess, finish_map, least_confident_ratio, spearman  # noqa: E402
+from basnet.quality import assess, finish, least_confident_ratio, spearman  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,16 +96,15 @@ def candidates(weights: str, data: str) -> None:
         errors = []
         for maps, truth in zip(rows, truths):
             p, sides = maps[0], np.stack(maps[1:])
-            judged = assess(p[None], normalize=normalize)
-            written = finish_map(p, normalize=normalize, no_object=bool(judged["no_object"][0]))
+            written, judged = finish(p, normalize=normalize)  # the mask's map and its figures, as the job
             errors.append(float(np.abs(written - truth).mean()))
             decision, raw_expected = abs(2 * p.max() - 1), float((2 * p * (1 - p)).mean())
             soft_iou = np.minimum(p, sides).sum(axis=(1, 2)) / np.maximum(np.maximum(p, sides).sum(axis=(1, 2)), 1e-9)
             row = {"peak alone (baseline)": p.max(), "|2 peak - 1|": decision,
                    "|2 peak - 1| x (1 - raw map's 2p(1-p))": decision * (1 - raw_expected),
                    "|2 peak - 1| x soft IoU with the side outputs": decision * float(soft_iou.mean()),
-                   "2^(-written mask's expected error / 0.1) (chosen)": judged["confidence"][0],
-                   "the chosen x |2 peak - 1|": judged["confidence"][0] * decision}
+                   "2^(-written mask's expected error / 0.1) (chosen)": judged["confidence"],
+                   "the chosen x |2 peak - 1|": judged["confidence"] * decision}
             for key, value in row.items():
                 figures.setdefault(key, []).append(float(value))
         print(f"candidates against the per-image MAE of the mask written with --normalize {normalize} "

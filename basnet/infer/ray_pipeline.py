@@ -230,8 +230,9 @@ def build_dataset(plan: InferPlan, units: list[dict], weights_ref: ray.ObjectRef
     ds.set_name(DATASET_NAME)
     ds = ds.map_batches(_PredictorActor, fn_constructor_kwargs={
         "weights": (weights_ref,), "health": health, "threads": cfg.actor_threads, "image_size": cfg.image_size,
-        "options": cfg.model_options(), "write": write if in_actor else None}, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        batch_size=cfg.batch_size, batch_format="numpy", **actor_args)
+        "options": cfg.model_options(), "write": write if in_actor else None},
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors), batch_size=cfg.batch_size, batch_format="numpy",
+        **actor_args)
     return ds if in_actor else ds.map_batches(write_batch, fn_kwargs=write, **task_args)
 
 
