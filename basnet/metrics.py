@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["METRIC_KEYS", "SODMetrics", "image_scores", "relax_boundary_f"]
+__all__ = ["METRIC_KEYS", "SODMetrics", "image_scores", "mae_as_written", "relax_boundary_f"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,22 @@ def image_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     fm.step(pred=pred, gt=gt)
     mae.step(pred=pred, gt=gt)
     return {"mae": float(mae.get_results()["mae"]), "max_f": float(np.max(fm.get_results()["fm"]["curve"]))}
+
+
+def mae_as_written(pred: np.ndarray, gt: np.ndarray) -> float:
+    """The MAE of one mask as it was written: ``|pred / 255 - (gt > 128)|`` averaged over the pixels.
+
+    The protocol's MAE (:func:`image_scores`, pysodmetrics, the MATLAB toolbox) first stretches each
+    prediction to 0-1, so a dark mask (``--normalize none``'s sigmoid of a scene the model calls
+    empty) is scored as if it were its own min-max stretch. This one is not: it is the error of the
+    mask a user gets, the figure the mask confidence estimates.
+
+    Args:
+        pred: uint8 HxW prediction.
+        gt: uint8 HxW ground truth of the same size.
+    """
+    _check_pair(pred, gt)
+    return float(np.abs(pred.astype(np.float64) / 255 - (gt > _GT_THRESHOLD)).mean())
 
 
 def _exact_mean(values: Iterable[float], count: int) -> float:

@@ -75,12 +75,14 @@ def confidence_report(rows: list[dict]) -> dict | None:
     """How well the masks' confidence ranks their errors (None when the rows carry no confidence):
     Spearman's correlation of confidence with per-image MAE (good: strongly negative), the mean MAE
     of the least confident tenth over the rest's (good: well above 1), and how often ``no_object``
-    was flagged on scenes without an object and on objects the mask found (MAE under 0.1)."""
+    was flagged on scenes without an object and on objects the mask found (MAE under 0.1). The MAE
+    is the mask's as written (``mae_as_written``), not the protocol's of its min-max stretch: under
+    ``--normalize none`` the two differ, and the confidence judges the mask the user gets."""
     scored = [row for row in rows if row.get("confidence") is not None and not np.isnan(row["confidence"])]
     if not scored:
         return None
     confidence = np.array([row["confidence"] for row in scored])
-    mae = np.array([row["mae"] for row in scored])
+    mae = np.array([row["mae_as_written"] for row in scored])
     flagged = np.array([bool(row["no_object"]) for row in scored])
     empty = np.array([bool(row.get("gt_empty")) for row in scored])
     found = ~empty & (mae < FOUND_MAE)
@@ -238,7 +240,7 @@ def _extremes(rows: list[dict], n: int) -> tuple[list[dict], list[dict]]:
 def _parquet(rows: list[dict]) -> bytes:
     import pandas as pd
 
-    columns = ["key", "mae", "max_f", "height", "width", "resized", "gt_empty", "pred", "gt", "image"]
+    columns = ["key", "mae", "mae_as_written", "max_f", "height", "width", "resized", "gt_empty", "pred", "gt", "image"]
     columns += [key for key in QUALITY_COLUMNS if rows and key in rows[0]]
     buffer = io.BytesIO()
     pd.DataFrame(rows, columns=columns).to_parquet(buffer, index=False)

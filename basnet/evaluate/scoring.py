@@ -17,7 +17,7 @@ from basnet import storage
 from basnet.errors import DataError
 from basnet.evaluate.matching import EvalPair, Matching, prepare_folders
 from basnet.imaging import ImageDecodeError, decode_mask
-from basnet.metrics import SODMetrics, image_scores
+from basnet.metrics import SODMetrics, image_scores, mae_as_written
 from basnet.transforms import resize_mask
 
 __all__ = ["Scores", "Evaluation", "load_pair", "score_pairs", "finish_scores", "evaluate_folders"]
@@ -33,8 +33,9 @@ class Scores:
 
     Attributes:
         metrics: The running SOD metrics of the scored images.
-        rows: One dict per scored image: key, pred, gt, image, height, width, mae, max_f, resized,
-            gt_empty (the ground truth holds no object); with ``--weights``, also the masks' quality
+        rows: One dict per scored image: key, pred, gt, image, height, width, mae, max_f (the
+            protocol's, of the prediction min-max stretched), mae_as_written (of the mask as it is,
+            :func:`basnet.metrics.mae_as_written`), resized, gt_empty (the ground truth holds no object); with ``--weights``, also the masks' quality
             figures (``basnet.quality.QUALITY_COLUMNS``).
         resized: Keys of predictions resized to their ground truth's size.
         unreadable: URIs that could not be decoded (their pairs are not scored).
@@ -128,7 +129,7 @@ def score_pairs(pairs: list[EvalPair], *, task: str = "local") -> Scores:
         scores.metrics.update(pred, gt)
         scores.rows.append({"key": pair.key, "pred": pair.pred, "gt": pair.gt, "image": pair.image,
                             "height": gt.shape[0], "width": gt.shape[1], **image_scores(pred, gt),
-                            "resized": resized, "gt_empty": not bool((gt > 127).any())})
+                            "mae_as_written": mae_as_written(pred, gt), "resized": resized, "gt_empty": not bool((gt > 127).any())})
         if resized:
             scores.resized.append(pair.key)
         if i % _PROGRESS_EVERY == 0:

@@ -293,10 +293,15 @@ def test_weights_mode_predicts_then_scores_end_to_end_and_guided_refinement_besi
     for key in QUALITY_COLUMNS:
         assert list(merged[key]) == list(merged[f"{key}_manifest"]), key
     assert list(per_image["gt_empty"]) == [False, True, False]  # every 2nd held-out scene has no object
+    # the confidence ranks the masks as written: under --normalize none not the protocol's stretched MAE
+    for row in per_image.itertuples():
+        pred, gt = _load(row.pred), _load(row.gt)
+        assert row.mae_as_written == pytest.approx(np.abs(pred / 255 - (gt > 128)).mean())
+    assert (per_image["mae_as_written"] - per_image["mae"]).abs().max() > 0.05
     report = doc["confidence"]
     assert doc["normalize"] == "none" and report["images"] == 3 and report["empty_scenes"] == 1
     assert report["spearman_confidence_mae"] == pytest.approx(spearmanr(per_image["confidence"],
-                                                                        per_image["mae"]).statistic)
+                                                                        per_image["mae_as_written"]).statistic)
     assert report["no_object"] == int(per_image["no_object"].sum())
     lines = capsys.readouterr().out.rstrip().splitlines()
     assert any(line.startswith("confidence against per-image MAE over 3 images: Spearman ") for line in lines)
