@@ -15,6 +15,8 @@ normalisation, read as the model's probability that each pixel is salient. Per i
   exact, halved for each 0.1 of expected MAE (0.5 at 0.1, the evaluation's line for an object found).
 
 Chosen by measurement on held-out data with ground truth (docs/infer.md, "Which masks are wrong?").
+The figures hold as far as the map's values are probabilities: BCE trains them to be, BASNet's
+hybrid loss (its SSIM and IoU terms) sharpens them past the model's real doubt.
 The figures depend on ``--normalize`` and ``--on-no-object`` because the mask does: :func:`finish`
 gives both, as the bulk job's write stage and the service use them.
 """
