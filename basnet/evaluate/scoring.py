@@ -35,8 +35,8 @@ class Scores:
         metrics: The running SOD metrics of the scored images.
         rows: One dict per scored image: key, pred, gt, image, height, width, mae, max_f (the
             protocol's, of the prediction min-max stretched), mae_as_written (of the mask as it is,
-            :func:`basnet.metrics.mae_as_written`), resized, gt_empty (the ground truth holds no object); with ``--weights``, also the masks' quality
-            figures (``basnet.quality.QUALITY_COLUMNS``).
+            :func:`basnet.metrics.mae_as_written`), resized, gt_empty (the ground truth holds no
+            object); with ``--weights``, also the masks' quality figures (``basnet.quality.QUALITY_COLUMNS``).
         resized: Keys of predictions resized to their ground truth's size.
         unreadable: URIs that could not be decoded (their pairs are not scored).
         tasks: Identifiers of the tasks that produced the parts (one entry per part).
@@ -129,7 +129,8 @@ def score_pairs(pairs: list[EvalPair], *, task: str = "local") -> Scores:
         scores.metrics.update(pred, gt)
         scores.rows.append({"key": pair.key, "pred": pair.pred, "gt": pair.gt, "image": pair.image,
                             "height": gt.shape[0], "width": gt.shape[1], **image_scores(pred, gt),
-                            "mae_as_written": mae_as_written(pred, gt), "resized": resized, "gt_empty": not bool((gt > 127).any())})
+                            "mae_as_written": mae_as_written(pred, gt), "resized": resized,
+                            "gt_empty": not bool((gt > 127).any())})
         if resized:
             scores.resized.append(pair.key)
         if i % _PROGRESS_EVERY == 0:
