@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["METRIC_KEYS", "SODMetrics", "image_scores", "mae_as_written", "relax_boundary_f"]
+__all__ = ["GT_THRESHOLD", "METRIC_KEYS", "SODMetrics", "image_scores", "mae_as_written", "relax_boundary_f"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ _SCALARS = ("mae", "adaptive_f", "s_measure", "adaptive_e", "weighted_f", "relax
 # (pysodmetrics counts the pixels >= each threshold from the top down).
 _CURVES = ("precision", "recall", "fmeasure", "emeasure")
 _BETA2 = 0.3  # the F-measure's weight of precision, as in every SOD paper
-_GT_THRESHOLD = 128  # ground truth is foreground where > 128 (pysodmetrics, the MATLAB toolbox)
+GT_THRESHOLD = 128  # ground truth is foreground where > 128 (pysodmetrics, the MATLAB toolbox)
 
 
 def _check_pair(pred: np.ndarray, gt: np.ndarray) -> None:
@@ -111,7 +111,7 @@ def relax_boundary_f(pred: np.ndarray, gt: np.ndarray, *, radius: float = 3, bet
     if radius < 0:
         raise ValueError(f"radius must be >= 0, got {radius}")
     pred_edge = _boundary(pred.astype(np.float64) / 255 > 0.5)
-    gt_edge = _boundary(gt > _GT_THRESHOLD)
+    gt_edge = _boundary(gt > GT_THRESHOLD)
     if not pred_edge.any() or not gt_edge.any():
         return float(not pred_edge.any() and not gt_edge.any())
     precision = _share_within(pred_edge, gt_edge, radius)
@@ -151,7 +151,7 @@ def mae_as_written(pred: np.ndarray, gt: np.ndarray) -> float:
         gt: uint8 HxW ground truth of the same size.
     """
     _check_pair(pred, gt)
-    return float(np.abs(pred.astype(np.float64) / 255 - (gt > _GT_THRESHOLD)).mean())
+    return float(np.abs(pred.astype(np.float64) / 255 - (gt > GT_THRESHOLD)).mean())
 
 
 def _exact_mean(values: Iterable[float], count: int) -> float:

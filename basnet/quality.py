@@ -16,7 +16,7 @@ normalisation, read as the model's probability that each pixel is salient. Per i
 
 Chosen by measurement on held-out data with ground truth (docs/infer.md, "Which masks are wrong?").
 The figures hold as far as the map's values are probabilities: BCE trains them to be, BASNet's
-hybrid loss (its SSIM and IoU terms) sharpens them past the model's real doubt.
+hybrid loss (its IoU term, measured; SSIM not apart from it) sharpens them past the model's real doubt.
 The figures depend on ``--normalize`` and ``--on-no-object`` because the mask does: :func:`finish`
 gives both, as the bulk job's write stage and the service use them.
 """

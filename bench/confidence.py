@@ -10,7 +10,8 @@
    alone (the plain baseline), from the evaluation's per_image.parquet.
 2. The candidates the formula was chosen from: the model run directly on the same images (at the
    checkpoint's side, the 7 side outputs kept), each candidate ranked against the per-image MAE of
-   the mask as written under each ``--normalize`` (at that side, the ground truth resized to it).
+   the mask as written under each ``--normalize`` (at that side, against the soft ground truth
+   resized to it, not binarised: close to, not equal to, the job's ``mae_as_written``).
 3. The cost: the model's forward pass on a batch against ``basnet.quality.assess`` on its maps, one
    map at a time as the write stage judges them, at the checkpoint's side and at 256 px (the
    published weights'), on this machine's CPU.

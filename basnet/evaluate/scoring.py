@@ -17,7 +17,7 @@ from basnet import storage
 from basnet.errors import DataError
 from basnet.evaluate.matching import EvalPair, Matching, prepare_folders
 from basnet.imaging import ImageDecodeError, decode_mask
-from basnet.metrics import SODMetrics, image_scores, mae_as_written
+from basnet.metrics import GT_THRESHOLD, SODMetrics, image_scores, mae_as_written
 from basnet.transforms import resize_mask
 
 __all__ = ["Scores", "Evaluation", "load_pair", "score_pairs", "finish_scores", "evaluate_folders"]
@@ -130,7 +130,7 @@ def score_pairs(pairs: list[EvalPair], *, task: str = "local") -> Scores:
         scores.rows.append({"key": pair.key, "pred": pair.pred, "gt": pair.gt, "image": pair.image,
                             "height": gt.shape[0], "width": gt.shape[1], **image_scores(pred, gt),
                             "mae_as_written": mae_as_written(pred, gt), "resized": resized,
-                            "gt_empty": not bool((gt > 127).any())})
+                            "gt_empty": not bool((gt > GT_THRESHOLD).any())})
         if resized:
             scores.resized.append(pair.key)
         if i % _PROGRESS_EVERY == 0:
