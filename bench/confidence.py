@@ -12,7 +12,7 @@
    checkpoint's side, the 7 side outputs kept), each candidate ranked against the per-image MAE of
    the mask as written under each ``--normalize`` (at that side, against the soft ground truth
    resized to it, not binarised: close to, not equal to, the job's ``mae_as_written``).
-3. The cost: the model's forward pass on a batch against ``basnet.quality.assess`` on its maps, one
+3. The cost: the model's forward pass on a batch against ``basnet.quality.finish`` on its maps, one
    map at a time as the write stage judges them, at the checkpoint's side and at 256 px (the
    published weights'), on this machine's CPU.
 """
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from basnet.checkpoint import load_for_inference  # noqa: E402
 from basnet.data.sample import ensure_sample, generate_sample  # noqa: E402
 from basnet.predict import predict_raw  # noqa: E402
-from basnet.quality import assess, finish, least_confident_ratio, spearman  # noqa: E402
+from basnet.quality import finish, least_confident_ratio, spearman  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,8 +130,8 @@ def overhead(weights: str, sides: list[int], batch: int, repeats: int) -> None:
             raw = predict_raw(model, images, device=torch.device("cpu")).numpy()
             forward.append(time.perf_counter() - start)
             start = time.perf_counter()
-            for one in raw:  # as the write stage does, one map at a time beside its mask's rendering
-                assess(one[None])
+            for one in raw:  # as the write stage does: each map finished and judged beside its mask's rendering
+                finish(one)
             judge.append(time.perf_counter() - start)
         f, j = np.median(forward), np.median(judge)
         print(f"{side} px, batch {batch}: model {1000 * f / batch:.1f} ms/image, quality figures "
